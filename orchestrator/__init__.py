@@ -1,0 +1,1 @@
+"""Ray, DeepSpeed, MLflow and storage glue around `ucgm_core`; no math lives here."""

@@ -1,0 +1,251 @@
+"""The one job schema: loaded from YAML, overridden by dotted `key=value` arguments, validated
+before any work starts.
+
+The math settings (model, objective, sampler) are the frozen dataclasses of `ucgm_core`, embedded
+as they are, so their defaults and their range checks live in one place. This module adds what
+only a job has: the dataset, the optimisation budget, where outputs go and how they are tracked.
+
+Every error names the key and the fix; an unknown key also names the closest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ucgm_core.dit import DiTSettings
+from ucgm_core.objective import ObjectiveSettings
+from ucgm_core.sampler import SamplerSettings
+from ucgm_core.time_distributions import TIME_DISTRIBUTIONS
+from ucgm_core.transports import TRANSPORTS
+
+
+class ConfigError(ValueError):
+    """A job spec that cannot run; the message lists every problem with its key and fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class DataConfig(_Section):
+    name: Literal["digits", "fashion_mnist", "mnist5k", "image_folder", "parquet"] = "digits"
+    path: str | None = Field(None, description="image_folder / parquet location, local or s3://")
+    image_size: int | None = Field(None, gt=0, description="resize to this size (image_folder needs it)")
+    limit: int | None = Field(None, gt=0, description="use only the first N images")
+
+
+class TrainConfig(_Section):
+    steps: int = Field(2000, gt=0)
+    batch_size: int = Field(128, gt=0, description="global batch size, whatever the worker count")
+    learning_rate: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    optimizer: Literal["adamw", "radam"] = "adamw"
+    gradient_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 disables")
+    warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up")
+    ema_decay: float = Field(0.999, ge=0, le=1, description="EMA of the weights used for sampling")
+    log_every: int = Field(50, gt=0)
+    checkpoint_every: int = Field(500, gt=0)
+    sample_every: int = Field(500, gt=0, description="write a sample grid every N steps")
+    keep_checkpoints: int = Field(2, gt=0)
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class EvaluationConfig(_Section):
+    num_samples: int = Field(1000, gt=1, description="samples scored at the end of training")
+    batch_size: int = Field(250, gt=0)
+    extractor: Literal["mnist-cnn-penultimate"] = "mnist-cnn-penultimate"
+    grid_size: int = Field(10, gt=0, description="sample grid is grid_size x grid_size")
+
+
+class TrackingConfig(_Section):
+    enabled: bool = True
+    tracking_uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI, else ./mlruns")
+    experiment: str | None = Field(None, description="default: the job name")
+
+
+class JobConfig(_Section):
+    name: str = "digits"
+    seed: int = 0
+    output_dir: str = Field("outputs", description="root of run folders, local path or s3://bucket/prefix")
+    data: DataConfig = DataConfig()
+    model: DiTSettings = DiTSettings()
+    transport: str = "linear"
+    objective: ObjectiveSettings = ObjectiveSettings()
+    train: TrainConfig = TrainConfig()
+    sampler: SamplerSettings = SamplerSettings()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @field_validator("transport")
+    @classmethod
+    def _known_transport(cls, name: str) -> str:
+        if name not in TRANSPORTS:
+            close = difflib.get_close_matches(name, list(TRANSPORTS), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown transport {name!r}{hint} Choose one of {sorted(TRANSPORTS)}")
+        return name
+
+    @property
+    def run_dir(self) -> str:
+        """Where this job's checkpoints, samples and metrics go."""
+        return f"{self.output_dir.rstrip('/')}/{self.name}"
+
+    def to_flat_dict(self) -> dict[str, Any]:
+        """The resolved config as dotted keys, for experiment tracking."""
+        return _flatten(self.model_dump(mode="json"))
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def load_job(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    """Read a YAML job spec (or start from the defaults when path is None), apply `a.b=value`
+    overrides, validate. Raises ConfigError with every problem found."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"job spec {str(path)!r} not found; pass the path of a YAML file such as jobs/digits.yaml")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"job spec {str(path)!r} is not valid YAML: {error}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"job spec {str(path)!r} must be a mapping of sections (data:, model:, train:, ...)")
+    for override in overrides:
+        _apply_override(raw, override)
+    return validate_job(raw)
+
+
+def validate_job(raw: dict[str, Any]) -> JobConfig:
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as error:
+        problems = list(dict.fromkeys(_describe(e) for e in _errors_of_chosen_kind(error.errors(), raw)))
+        raise ConfigError("invalid job config:\n  " + "\n  ".join(problems)) from None
+
+
+# Sections that hold one of several settings classes choose it with `kind:` (time distributions).
+_KIND_OF_CLASS = {cls.__name__: kind for kind, cls in TIME_DISTRIBUTIONS.items()}
+
+
+def _errors_of_chosen_kind(errors: list[dict[str, Any]], raw: dict[str, Any]) -> list[dict[str, Any]]:
+    """pydantic tries every member of a union and reports all their failures; keep only those of
+    the member the spec chose with `kind:`, or one error naming the valid kinds."""
+    kept = []
+    for error in errors:
+        location = error["loc"]
+        branch = next((i for i, part in enumerate(location) if part in _KIND_OF_CLASS), None)
+        if branch is None:
+            kept.append(error)
+            continue
+        given = _lookup(raw, location[:branch])
+        chosen = given.get("kind", "beta") if isinstance(given, dict) else None
+        if chosen == _KIND_OF_CLASS[location[branch]]:
+            kept.append({**error, "loc": location[:branch] + location[branch + 1 :], "member": location[branch]})
+        elif chosen not in _KIND_OF_CLASS.values():
+            close = difflib.get_close_matches(str(chosen), list(TIME_DISTRIBUTIONS), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            message = f"unknown kind {chosen!r}; {hint}choose one of {sorted(TIME_DISTRIBUTIONS)}"
+            kept.append({"loc": (*location[:branch], "kind"), "type": "value_error", "msg": message})
+    return kept
+
+
+def _lookup(tree: Any, location: tuple[Any, ...]) -> Any:
+    for part in location:
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    key, sep, text = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} must look like section.key=value (e.g. train.steps=500)")
+    value = yaml.safe_load(text) if text else None
+    node = raw
+    *parents, leaf = key.split(".")
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {part!r} is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def _describe(error: dict[str, Any]) -> str:
+    location = [str(part) for part in error["loc"] if not _is_union_tag(part)]
+    key = ".".join(location) or "<top level>"
+    kind = error["type"]
+    if kind in ("extra_forbidden", "unexpected_keyword_argument"):
+        member = TIME_DISTRIBUTIONS.get(_KIND_OF_CLASS.get(error.get("member", "")))
+        valid = _field_names(member) if member else _valid_keys(location[:-1])
+        close = difflib.get_close_matches(location[-1], valid, n=1, cutoff=0.5)
+        hint = f"did you mean {'.'.join(location[:-1] + [close[0]])!r}?" if close else f"valid keys here: {', '.join(valid)}"
+        return f"{key}: unknown key; {hint}"
+    message = error["msg"].removeprefix("Value error, ")
+    if kind == "value_error":
+        return f"{key}: {message}"
+    return f"{key}: {message} (got {error.get('input')!r})"
+
+
+def _is_union_tag(part: Any) -> bool:
+    # pydantic puts the union member's name into error locations; it is not a config key
+    return isinstance(part, str) and (part[:1].isupper() or part.startswith("function-"))
+
+
+def _valid_keys(path: list[str]) -> list[str]:
+    """The field names at a dotted location of the schema, unions merged."""
+    candidates: list[Any] = [JobConfig]
+    for part in path:
+        candidates = [_field_type(c, part) for c in candidates]
+        candidates = [m for c in candidates if c is not None for m in _union_members(c)]
+    names: list[str] = []
+    for candidate in candidates:
+        names += [n for n in _field_names(candidate) if n not in names]
+    return names
+
+
+def _field_names(cls: Any) -> list[str]:
+    if isinstance(cls, type) and issubclass(cls, BaseModel):
+        return list(cls.model_fields)
+    if dataclasses.is_dataclass(cls):
+        return [f.name for f in dataclasses.fields(cls)]
+    return []
+
+
+def _field_type(cls: Any, name: str) -> Any:
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # unresolvable forward references: no suggestion rather than a crash
+        return None
+    return hints.get(name)
+
+
+def _union_members(annotation: Any) -> list[Any]:
+    origin = typing.get_origin(annotation)
+    if origin is Union or origin is types.UnionType:
+        return [m for arg in typing.get_args(annotation) for m in _union_members(arg)]
+    if origin is typing.Annotated:
+        return _union_members(typing.get_args(annotation)[0])
+    return [annotation]
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

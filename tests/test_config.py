@@ -1,0 +1,99 @@
+"""The job schema: YAML + dotted overrides, validated before any work, with errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from orchestrator.cli import main
+from orchestrator.config import ConfigError, JobConfig, load_job
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_shipped_job_spec_validates():
+    specs = sorted((ROOT / "jobs").glob("*.yaml"))
+    assert specs, "jobs/ holds no job spec"
+    for spec in specs:
+        assert isinstance(load_job(spec), JobConfig)
+
+
+def test_overrides_are_parsed_with_yaml_types():
+    config = load_job(ROOT / "jobs/digits.yaml", ["train.steps=7", "objective.consistency_ratio=1", "sampler.schedule=[1, 1, 1]"])
+    assert config.train.steps == 7
+    assert config.objective.consistency_ratio == 1.0
+    assert config.sampler.schedule == (1.0, 1.0, 1.0)
+
+
+def test_time_distribution_is_chosen_by_kind():
+    config = load_job(None, ["objective.time_distribution={kind: logit_normal, mean: -0.4, std: 1.0}"])
+    assert type(config.objective.time_distribution).__name__ == "LogitNormalTime"
+    assert config.objective.time_distribution.mean == -0.4
+
+
+def _error(*overrides: str) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load_job(None, list(overrides))
+    return str(caught.value)
+
+
+def test_unknown_top_level_key_suggests_the_closest_section():
+    message = _error("trian.steps=5")
+    assert "trian" in message and "did you mean 'train'" in message
+
+
+def test_unknown_nested_key_suggests_the_closest_valid_key():
+    message = _error("objective.consistancy_ratio=1")
+    assert "objective.consistancy_ratio" in message
+    assert "did you mean 'objective.consistency_ratio'" in message
+
+
+def test_wrong_type_names_the_key_and_the_input():
+    message = _error("train.steps=many")
+    assert "train.steps" in message and "'many'" in message
+
+
+def test_consistency_ratio_outside_unit_interval_is_refused():
+    message = _error("objective.consistency_ratio=1.5")
+    assert "consistency_ratio" in message and "[0, 1]" in message
+
+
+def test_unknown_transport_suggests_a_valid_one():
+    message = _error("transport=lineer")
+    assert "transport" in message and "'linear'" in message
+
+
+def test_every_problem_is_reported_at_once():
+    message = _error("train.steps=0", "sampler.stochasticity=2")
+    assert "train.steps" in message and "stochasticity" in message
+
+
+def test_missing_spec_file_says_so():
+    with pytest.raises(ConfigError, match="not found"):
+        load_job(ROOT / "jobs/no_such_job.yaml")
+
+
+def test_cli_rejects_a_bad_config_before_any_work(tmp_path, capsys):
+    output = tmp_path / "out"
+    code = main(["train", str(ROOT / "jobs/digits.yaml"), f"output_dir={output}", "objective.consistency_ratio=-1"])
+    assert code == 2
+    assert "objective" in capsys.readouterr().err
+    assert not output.exists()
+
+
+def test_cli_check_prints_the_resolved_config(capsys):
+    assert main(["train", str(ROOT / "jobs/digits.yaml"), "--check", "train.steps=3"]) == 0
+    assert "steps: 3" in capsys.readouterr().out
+
+
+def test_unknown_time_distribution_kind_gives_one_clear_error():
+    message = _error("objective.time_distribution={kind: betta, a: 2}")
+    assert "unknown kind 'betta'" in message and "did you mean 'beta'" in message
+    assert message.count("\n") == 1, message  # one problem, not one per union member
+
+
+def test_unknown_key_inside_the_chosen_time_distribution_is_named():
+    message = _error("objective.time_distribution={kind: beta, aa: 2}")
+    assert "did you mean 'objective.time_distribution.a'" in message
+    assert message.count("\n") == 1, message

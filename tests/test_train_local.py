@@ -1,0 +1,120 @@
+"""The single-process `train` verb on real data (sklearn digits): learning, outputs, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from orchestrator import checkpoints
+from orchestrator.config import load_job
+from orchestrator.train import run_train
+from ucgm_core.model_file import load_model_file
+from ucgm_core.sampler import sample
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _job(tmp: Path, *overrides: str):
+    return load_job(
+        ROOT / "jobs/digits.yaml",
+        [
+            f"output_dir={tmp / 'out'}",
+            f"tracking.tracking_uri=sqlite:///{tmp / 'mlruns' / 'mlflow.db'}",
+            "train.log_every=25",
+            "train.sample_every=100000",
+            *overrides,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One short real run shared by the tests below (about a minute on 2 CPU cores)."""
+    tmp = tmp_path_factory.mktemp("digits")
+    config = _job(tmp, "train.steps=400", "train.checkpoint_every=200", "evaluation.num_samples=500", "sampler.steps=10")
+    return config, run_train(config)
+
+
+def test_short_digits_run_lowers_the_loss(trained):
+    _, summary = trained
+    assert summary.steps == 400
+    assert summary.last_loss < 0.8 * summary.first_loss, summary
+
+
+def test_trained_samples_beat_the_untrained_model_on_frechet_distance(trained):
+    _, summary = trained
+    assert summary.extractor.startswith("mnist-cnn-penultimate")
+    assert summary.frechet_trained < 0.7 * summary.frechet_untrained, summary
+
+
+def test_run_folder_holds_checkpoint_grid_metrics_and_model_file(trained):
+    config, summary = trained
+    run_dir = Path(config.run_dir)
+    assert checkpoints.saved_steps(str(run_dir)) == [200, 400]
+    assert (run_dir / "samples" / "final.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(25, 401, 25))
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 400
+
+
+def test_model_file_loads_without_the_orchestrator_and_samples(trained):
+    config, _ = trained
+    contents = load_model_file(str(Path(config.run_dir) / "model.pt"))
+    assert (contents.input_size, contents.in_channels, contents.num_classes) == (8, 1, 10)
+    from ucgm_core.transports import build_transport
+
+    noise = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    images = sample(contents.model, build_transport(contents.transport), noise, torch.arange(4), contents.sampler)
+    assert images.shape == noise.shape and torch.isfinite(images).all()
+
+
+def test_mlflow_run_holds_params_metrics_and_sample_grid(trained):
+    from mlflow.tracking import MlflowClient
+
+    config, summary = trained
+    client = MlflowClient(tracking_uri=config.tracking.tracking_uri)
+    run = client.get_run(summary.mlflow_run_id)
+    assert run.data.params["objective.consistency_ratio"] == "0.0"
+    assert run.data.params["train.steps"] == "400"
+    assert {"loss", "grad_norm", "images_per_second", "frechet_distance"} <= set(run.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
+    assert "samples/final.png" in artifacts
+
+
+def test_rerunning_a_job_resumes_from_its_last_checkpoint(tmp_path):
+    first = run_train(_job(tmp_path, "train.steps=20", "train.checkpoint_every=10", "evaluation.num_samples=50"))
+    second = run_train(_job(tmp_path, "train.steps=30", "train.checkpoint_every=10", "evaluation.num_samples=50"))
+    assert (first.steps, second.resumed_from, second.steps) == (20, 20, 30)
+    assert second.mlflow_run_id == first.mlflow_run_id
+    assert second.frechet_untrained is None  # the untrained baseline belongs to the first run only
+
+
+def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
+    whole = run_train(_job(tmp_path / "a", "train.steps=20", "train.checkpoint_every=10", "evaluation.num_samples=50", "tracking.enabled=false"))
+    run_train(_job(tmp_path / "b", "train.steps=10", "train.checkpoint_every=10", "evaluation.num_samples=50", "tracking.enabled=false"))
+    resumed = run_train(_job(tmp_path / "b", "train.steps=20", "train.checkpoint_every=10", "evaluation.num_samples=50", "tracking.enabled=false"))
+    a = torch.load(Path(whole.run_dir) / "checkpoints/step_00000020/state.pt", weights_only=True)["model"]
+    b = torch.load(Path(resumed.run_dir) / "checkpoints/step_00000020/state.pt", weights_only=True)["model"]
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_checkpoint_of_another_model_size_is_refused_and_left_untouched(tmp_path):
+    run_train(_job(tmp_path, "train.steps=5", "train.checkpoint_every=5", "evaluation.num_samples=50", "tracking.enabled=false"))
+    state_file = tmp_path / "out/digits/checkpoints/step_00000005/state.pt"
+    before = state_file.read_bytes()
+    with pytest.raises(checkpoints.CheckpointError, match="different 'model' section"):
+        run_train(_job(tmp_path, "train.steps=10", "model.depth=2", "evaluation.num_samples=50", "tracking.enabled=false"))
+    assert state_file.read_bytes() == before
+
+
+def test_corrupt_checkpoint_gives_a_clear_error(tmp_path):
+    state_file = tmp_path / "out/digits/checkpoints/step_00000005/state.pt"
+    state_file.parent.mkdir(parents=True)
+    state_file.write_bytes(b"not a checkpoint")
+    with pytest.raises(checkpoints.CheckpointError, match="cannot be read"):
+        run_train(_job(tmp_path, "train.steps=10", "tracking.enabled=false"))
+    assert state_file.read_bytes() == b"not a checkpoint"

