@@ -1,9 +1,10 @@
 """Which examples each step trains on, as a pure function of the step.
 
 The stream of examples is a sequence of epochs, each a permutation seeded by (seed, epoch). The
-global batch of step k is positions [k B, (k + 1) B) of that stream; rank r of W takes the r-th
-contiguous slice. Resuming at step k therefore sees exactly the data an uninterrupted run would,
-with nothing to save but the step, and the global batch is the same whatever the worker count.
+global batch of step k is positions [k B, (k + 1) B) of that stream, cut into equal contiguous
+chunks (one per micro-batch of one worker). Resuming at step k therefore sees exactly the data an
+uninterrupted run would, with nothing to save but the step, and the global batch is the same
+whatever the worker count.
 """
 
 from __future__ import annotations
@@ -37,18 +38,20 @@ class BatchSchedule:
             indices[mask] = self._permutation(int(epoch))[offsets[mask]]
         return torch.from_numpy(indices)
 
-    def shard_indices(self, step: int, rank: int, world_size: int) -> torch.Tensor:
-        if self.global_batch_size % world_size:
+    def chunk_indices(self, step: int, chunk: int, num_chunks: int) -> torch.Tensor:
+        """Chunk `chunk` of `num_chunks` equal parts of the global batch of `step`."""
+        if self.global_batch_size % num_chunks:
             raise ValueError(
-                f"train.batch_size={self.global_batch_size} is not divisible by {world_size} workers; "
-                "choose a batch size that is a multiple of the worker count"
+                f"train.batch_size={self.global_batch_size} does not split into {num_chunks} equal micro-batches "
+                "(workers x gradient_accumulation_steps); choose a batch size that is a multiple of that"
             )
-        per_rank = self.global_batch_size // world_size
-        return self.global_indices(step)[rank * per_rank : (rank + 1) * per_rank]
+        size = self.global_batch_size // num_chunks
+        return self.global_indices(step)[chunk * size : (chunk + 1) * size]
 
 
-def step_generator(seed: int, step: int, rank: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """The generator for everything random in one step of one rank (times, noise, ...), derived
-    from (seed, step, rank), so a resumed run repeats the randomness of an uninterrupted one."""
-    state = np.random.SeedSequence([seed, step, rank]).generate_state(2, dtype=np.uint32)
+def step_generator(seed: int, step: int, chunk: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator for everything random in one micro-batch (times, noise, ...), derived from
+    (seed, step, chunk), so a resumed run repeats the randomness of an uninterrupted one and the
+    same chunk gets the same draws whichever worker computes it."""
+    state = np.random.SeedSequence([seed, step, chunk]).generate_state(2, dtype=np.uint32)
     return torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1]))

@@ -17,15 +17,12 @@ from typing import Any
 import torch
 
 from orchestrator import storage
+from orchestrator.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
 _STEP_FOLDER = re.compile(r"^step_(\d{8})$")
 STATE_FILE = "state.pt"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used for this job; nothing has been changed on disk."""
 
 
 def checkpoint_root(run_dir: str) -> str:

@@ -9,10 +9,8 @@ import argparse
 import logging
 import sys
 
-from orchestrator.config import ConfigError, load_job
-from orchestrator.checkpoints import CheckpointError
-
-VERBS = ("train",)
+from orchestrator.config import load_job
+from orchestrator.errors import ConfigError, JobError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -22,6 +20,12 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("job", help="YAML job spec, e.g. jobs/digits.yaml")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=500 objective.consistency_ratio=1")
     train.add_argument("--check", action="store_true", help="validate the job spec, print it resolved, and exit")
+    for verb, (help_text, example) in SAMPLING_VERBS.items():
+        verb_parser = sub.add_parser(verb, help=help_text, description=f"{help_text}. Example: python -m orchestrator {verb} {example}")
+        verb_parser.add_argument("job", help="YAML job spec, e.g. jobs/digits.yaml")
+        shortcuts = ", ".join(f"{k}= ({v})" for k, v in SHORTCUTS[verb].items())
+        verb_parser.add_argument("overrides", nargs="*", help=f"dotted overrides; shortcuts: {shortcuts}")
+        verb_parser.add_argument("--check", action="store_true", help="validate the job spec, print it resolved, and exit")
     return parser
 
 
@@ -32,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     stray = [item for item in unparsed if item.startswith("-") or "=" not in item]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
-    args.overrides = [*args.overrides, *unparsed]
+    args.overrides = expand_shortcuts(args.verb, [*args.overrides, *unparsed])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         config = load_job(args.job, args.overrides)
@@ -49,9 +53,59 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             summary = run_train(config)
-        except (CheckpointError, FileNotFoundError, ImportError) as error:
+        except (JobError, FileNotFoundError, ImportError) as error:
             # problems of the input (a path, a package, a checkpoint), not of the code: no traceback
             print(f"error: {error}", file=sys.stderr)
             return 1
         print(summary.to_json())
+    if args.verb in SAMPLING_VERBS:
+        try:
+            summary = run_sampling_verb(args.verb, config)
+        except (JobError, FileNotFoundError, ImportError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        print(summary.to_json())
     return 0
+
+
+# --------------------------------------------------------------------------- evaluate, reference, generate
+
+SAMPLING_VERBS = {
+    "evaluate": (
+        "Frechet distance / FID of a model file for one or several sampler settings (Ray Data)",
+        "jobs/digits.yaml checkpoint=outputs/digits/model.pt num_samples=5000 'evaluation.sweep=[{steps: 2}, {steps: 8}]'",
+    ),
+    "reference": ("reference feature statistics of the job's dataset split, stored next to the data", "jobs/digits.yaml split=train"),
+    "generate": ("many images from a model file, PNG/parquet shards, resumable (Ray Data)", "jobs/digits.yaml num_samples=50000 out=s3://bucket/samples"),
+}
+
+# Bare keys these verbs accept on the command line, mapped onto their config keys.
+SHORTCUTS = {
+    "evaluate": {"checkpoint": "evaluation.checkpoint", "num_samples": "evaluation.num_samples", "reference": "evaluation.reference"},
+    "reference": {"split": "evaluation.reference_split", "out": "evaluation.reference"},
+    "generate": {"checkpoint": "evaluation.checkpoint", "num_samples": "evaluation.generation.num_samples", "out": "evaluation.generation.out"},
+}
+
+
+def expand_shortcuts(verb: str, overrides: list[str]) -> list[str]:
+    """`num_samples=5000` -> `evaluation.num_samples=5000` (for evaluate), and so on (SHORTCUTS)."""
+    table = SHORTCUTS.get(verb, {})
+    expanded = []
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        expanded.append(f"{table[key]}={value}" if sep and key in table else override)
+    return expanded
+
+
+def run_sampling_verb(verb: str, config):
+    if verb == "evaluate":
+        from orchestrator.evaluate import run_evaluate
+
+        return run_evaluate(config)
+    if verb == "reference":
+        from orchestrator.evaluate import run_reference
+
+        return run_reference(config)
+    from orchestrator.generate import run_generate
+
+    return run_generate(config)

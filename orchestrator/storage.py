@@ -7,11 +7,14 @@ botocore read themselves: nothing here handles a secret.
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from typing import IO, Iterator
 
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
+
+from orchestrator.errors import StorageError
 
 
 def join(base: str, *parts: str) -> str:
@@ -19,19 +22,33 @@ def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
 
 
+def check_writable(folder: str) -> None:
+    """Create `folder` if needed and prove it takes a write, before any expensive work starts."""
+    probe = join(folder, ".ucgm-write-check")
+    try:
+        write_bytes(probe, b"ok")
+        remove(probe)
+    except Exception as error:  # any backend's failure means the same thing to the user
+        hint = "the bucket exists and AWS_* credentials / AWS_ENDPOINT_URL are set" if "://" in folder else "the path is a writable folder"
+        raise StorageError(f"cannot write to {folder!r} ({type(error).__name__}: {error}); check that {hint}") from None
+
+
+def _fresh(path: str):
+    """(filesystem, path) with fsspec's listing cache dropped for it: other processes (Ray
+    workers) write the same objects, and a stale cache would report old sizes and ETags."""
+    fs, local = url_to_fs(path)
+    fs.invalidate_cache(local)
+    return fs, local
+
+
 def exists(path: str) -> bool:
-    fs, local = url_to_fs(path)
+    fs, local = _fresh(path)
     return fs.exists(local)
-
-
-def makedirs(path: str) -> None:
-    fs, local = url_to_fs(path)
-    fs.makedirs(local, exist_ok=True)
 
 
 def list_names(path: str) -> list[str]:
     """Names (not full paths) directly under a folder; empty when it does not exist."""
-    fs, local = url_to_fs(path)
+    fs, local = _fresh(path)
     if not fs.exists(local):
         return []
     return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(local, detail=False))
@@ -47,10 +64,9 @@ def remove(path: str) -> None:
 def open_file(path: str, mode: str = "rb") -> Iterator[IO]:
     """Open a file for reading or writing; parent folders are created on write."""
     fs, local = url_to_fs(path)
-    if "w" in mode:
-        parent = local.rsplit("/", 1)[0] if "/" in local else ""
-        if parent:
-            fs.makedirs(parent, exist_ok=True)
+    # object stores have no folders to create, and s3fs would create a missing *bucket* instead
+    if "w" in mode and isinstance(fs, LocalFileSystem):
+        fs.makedirs(os.path.dirname(local), exist_ok=True)
     with fs.open(local, mode) as handle:
         yield handle
 
@@ -70,5 +86,5 @@ def write_bytes(path: str, data: bytes) -> None:
 
 
 def read_bytes(path: str) -> bytes:
-    with open_file(path, "rb") as handle:
-        return handle.read()
+    fs, local = _fresh(path)
+    return fs.cat_file(local)

@@ -88,5 +88,3 @@ def test_rejects_colour_images_and_unknown_names():
         extractor(torch.zeros(2, 3, 28, 28))
     with pytest.raises(ValueError, match="valid names"):
         build_feature_extractor("fid")
-    with pytest.raises(NotImplementedError):
-        build_feature_extractor("inception-v3-tf-pool3")

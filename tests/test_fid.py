@@ -120,3 +120,24 @@ def test_save_and_load_round_trip_through_a_path_and_a_file_object(tmp_path):
 def test_covariance_needs_two_features():
     with pytest.raises(ValueError, match="at least 2"):
         FeatureStatistics.from_features(np.ones((1, 3))).covariance()
+
+
+def test_distance_from_merged_shard_statistics_matches_scipy_on_the_raw_features():
+    # two correlated feature sets, the first accumulated in uneven shards as the actors do
+    rng = np.random.default_rng(5)
+    mixing = rng.standard_normal((48, 48)) / 7.0
+    first = rng.standard_normal((900, 48)) @ mixing + 0.3
+    second = rng.standard_normal((700, 48)) @ (mixing + 0.05 * rng.standard_normal((48, 48)))
+    shards = sum(FeatureStatistics.from_features(part) for part in np.array_split(first, [1, 250, 251, 600]))
+    ours = frechet_distance_from_statistics(shards, FeatureStatistics.from_features(torch.from_numpy(second)))
+    expected = scipy_frechet_distance(first.mean(0), np.cov(first, rowvar=False), second.mean(0), np.cov(second, rowvar=False))
+    assert ours == pytest.approx(expected, rel=1e-6)
+
+
+def test_distance_grows_monotonically_with_a_scale_change():
+    rng = np.random.default_rng(6)
+    features = rng.standard_normal((400, 12))
+    reference = FeatureStatistics.from_features(features)
+    distances = [frechet_distance_from_statistics(reference, FeatureStatistics.from_features(features * scale)) for scale in (1.0, 1.1, 1.5, 2.0, 3.0)]
+    assert distances[0] == pytest.approx(0.0, abs=1e-9)
+    assert all(later > earlier for earlier, later in zip(distances, distances[1:]))

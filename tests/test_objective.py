@@ -318,9 +318,11 @@ def test_exact_gaussian_consistency_function_has_zero_derivative_along_posterior
 
 @pytest.mark.parametrize("zeta", [0.0, 1.5])
 @pytest.mark.parametrize("ratio", [0.5, 1.0])
-def test_consistency_target_matches_hand_computation_for_linear(ratio, zeta):
+@pytest.mark.parametrize("through", ["live", "target"])
+def test_consistency_target_matches_hand_computation_for_linear(ratio, zeta, through):
     """Loss value and gradient against a hand computation; with zeta > 0 ('target_vs_data') the
-    x-prediction conversion uses the enhanced pair while the networks see the true pair."""
+    x-prediction conversion uses the enhanced pair while the networks see the true pair; the
+    derivative goes through the online weights (stop-gradient) or theta- as configured."""
     x, labels = _batch(seed=3)
     online, target_net = SmoothNet(seed=5), SmoothNet(seed=6)
     time_distribution = UniformTime(low=0.1, high=0.9)
@@ -330,6 +332,7 @@ def test_consistency_target_matches_hand_computation_for_linear(ratio, zeta):
         enhanced_ratio=zeta,
         enhanced_style="target_vs_data",
         label_dropout=0.25,
+        derivative_network=through,
     )
     output = UnifiedObjective(build_transport("linear"), settings)(
         online, target_net, x, labels, generator=torch.Generator().manual_seed(8)
@@ -361,8 +364,10 @@ def test_consistency_target_matches_hand_computation_for_linear(ratio, zeta):
                 kept & inside, z + zeta * (noise_conditional - z), torch.where(kept, (z + noise_conditional) / 2, z)
             )
 
+        derivative_net = target_net if through == "target" else online
+
         def target_data_prediction(r):
-            return path(data_target, noise_target, r) - _rows(r) * target_net(path(x, z, r), r, hand_labels)
+            return path(data_target, noise_target, r) - _rows(r) * derivative_net(path(x, z, r), r, hand_labels)
 
         if ratio == 1.0:
             h = 0.005
@@ -490,9 +495,17 @@ def test_dropout_masks_match_so_live_target_of_a_dropout_net_gives_exact_f_star_
 
 def test_missing_target_network_is_an_error_when_needed():
     x, labels = _batch()
-    objective = UnifiedObjective(build_transport("linear"), ObjectiveSettings(consistency_ratio=0.5))
+    settings = ObjectiveSettings(consistency_ratio=0.5, derivative_network="target")
     with pytest.raises(ValueError, match="target_network"):
-        objective(SmoothNet(), None, x, labels, generator=torch.Generator().manual_seed(0))
+        UnifiedObjective(build_transport("linear"), settings)(SmoothNet(), None, x, labels, generator=torch.Generator().manual_seed(0))
+
+
+def test_consistency_through_the_live_weights_needs_no_target_network():
+    x, labels = _batch()
+    settings = ObjectiveSettings(consistency_ratio=1.0)
+    assert not settings.needs_target_network
+    output = UnifiedObjective(build_transport("linear"), settings)(SmoothNet(), None, x, labels, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(output.loss)
 
 
 def test_num_classes_argument_overrides_missing_attribute():

@@ -21,6 +21,7 @@ def _job(tmp: Path, *overrides: str):
     return load_job(
         ROOT / "jobs/digits.yaml",
         [
+            "distributed.backend=local",
             f"output_dir={tmp / 'out'}",
             f"tracking.tracking_uri=sqlite:///{tmp / 'mlruns' / 'mlflow.db'}",
             "train.log_every=25",

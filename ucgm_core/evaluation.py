@@ -6,7 +6,9 @@ same (seed, label) gives the same image however the work is split across batches
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -22,10 +24,20 @@ def balanced_labels(count: int, num_classes: int, start: int = 0) -> Tensor:
     return torch.arange(start, start + count) % num_classes
 
 
+def sample_generators(seeds: Iterable[int]) -> list[torch.Generator]:
+    """One CPU generator per sample, seeded by the sample's own seed. A sample's initial noise is
+    the first draw of its stream and the fresh noise of stochastic sampling (rho > 0) continues the
+    same stream, so a sample is a function of its seed (and label) alone."""
+    return [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+
+
 def seeded_noise(seeds: Iterable[int], shape: tuple[int, ...], device: torch.device | str = "cpu") -> Tensor:
     """One standard-normal tensor of `shape` per seed, drawn on the CPU so CPU and GPU runs agree."""
-    draws = [torch.randn(shape, generator=torch.Generator().manual_seed(int(seed))) for seed in seeds]
-    return torch.stack(draws).to(device)
+    return _initial_noise(sample_generators(seeds), shape, device)
+
+
+def _initial_noise(generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device | str) -> Tensor:
+    return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
 
 
 @torch.no_grad()
@@ -38,12 +50,42 @@ def generate(
     image_shape: tuple[int, int, int],
     device: torch.device | str = "cpu",
 ) -> Tensor:
-    """Images in [-1, 1] (clamped) for the given per-sample seeds and labels. Stochastic sampling
-    (rho > 0) draws its fresh noise from a generator seeded by the first seed of the batch."""
-    noise = seeded_noise(seeds, image_shape, device)
-    generator = torch.Generator(device=device).manual_seed(int(seeds[0]) + 1) if settings.stochasticity > 0 else None
-    images = sample(network, transport, noise, labels.to(device), settings, generator=generator)
+    """Images in [-1, 1] (clamped) for the given per-sample seeds and labels.
+
+    Sample b's noise, initial and (rho > 0) per step, comes from its own stream
+    (`sample_generators`), drawn on the CPU, so the same (seed, label) gives the same image in
+    any batch, on any worker and (up to the network's own round-off) on CPU or GPU.
+    """
+    generators = sample_generators(seeds)
+    noise = _initial_noise(generators, image_shape, device)
+    per_row = generators if settings.stochasticity > 0 else None
+    images = sample(network, transport, noise, labels.to(device), settings, generator=per_row)
     return images.clamp(-1, 1)
+
+
+class StageTimer:
+    """Wall-clock seconds per named stage, accumulated. On CUDA it synchronises at the end of a
+    stage, so asynchronous GPU work is charged to the stage that queued it.
+
+        timer = StageTimer(device)
+        with timer("sampling"):
+            images = generate(...)
+        timer.seconds  # {"sampling": 1.23}
+    """
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
 
 
 @torch.no_grad()
@@ -59,14 +101,22 @@ def sample_statistics(
     batch_size: int,
     seed: int = 0,
     device: torch.device | str = "cpu",
+    timer: StageTimer | None = None,
 ) -> FeatureStatistics:
-    """float64 feature statistics of `num_samples` class-balanced samples with seeds seed..seed+n-1."""
+    """float64 feature statistics of `num_samples` class-balanced samples with seeds seed..seed+n-1
+    (sample i has seed `seed + i` and label `i % num_classes`). A `timer` receives the seconds
+    spent in "sampling", "features" and "statistics"."""
+    timer = timer or StageTimer(device)
     statistics = None
     for start in range(0, num_samples, batch_size):
         count = min(batch_size, num_samples - start)
         seeds = list(range(seed + start, seed + start + count))
-        images = generate(network, transport, settings, seeds, balanced_labels(count, num_classes, start), image_shape, device)
-        batch = FeatureStatistics.from_features(extractor(images))
+        with timer("sampling"):
+            images = generate(network, transport, settings, seeds, balanced_labels(count, num_classes, start), image_shape, device)
+        with timer("features"):
+            features = extractor(images)
+        with timer("statistics"):
+            batch = FeatureStatistics.from_features(features)
         statistics = batch if statistics is None else statistics.merge(batch)
     return statistics
 

@@ -8,7 +8,7 @@ A feature extractor is any object with
     identifier() -> str    name + sha256 of the weights + preprocessing, to be stored with results
 
 A Fréchet distance is only comparable between results whose identifiers agree, and it is "FID"
-only for the TF-ported Inception-v3 pool features (to come, see `INCEPTION_EXTRACTOR_NAME`).
+only for the TF-ported Inception-v3 pool features (`inception-v3-tf-pool3`, `ucgm_core.inception`).
 
 Example::
 
@@ -198,6 +198,19 @@ class DigitClassifierFeatures(nn.Module):
 
 
 FEATURE_EXTRACTOR_NAMES: tuple[str, ...] = (DIGIT_CLASSIFIER_NAME, INCEPTION_EXTRACTOR_NAME)
+UINT8_LEVELS = 255
+
+
+def quantize_to_uint8(images: Tensor) -> Tensor:
+    """[-1, 1] images -> uint8 pixels p = round((x + 1) * 127.5), clamped to [0, 255]: what saving
+    them as 8-bit PNG gives (the UCGM reference truncates instead; we round)."""
+    half = UINT8_LEVELS / 2.0
+    return ((images.detach().float() + 1.0) * half).round().clamp(0, UINT8_LEVELS).to(torch.uint8)
+
+
+def is_fid_extractor(name: str) -> bool:
+    """Whether distances in this feature space are FID in the published sense."""
+    return name == INCEPTION_EXTRACTOR_NAME
 
 
 def build_feature_extractor(
@@ -207,8 +220,7 @@ def build_feature_extractor(
     if name == DIGIT_CLASSIFIER_NAME:
         return DigitClassifierFeatures(device=device, **options)  # type: ignore[arg-type]
     if name == INCEPTION_EXTRACTOR_NAME:
-        raise NotImplementedError(
-            f"{INCEPTION_EXTRACTOR_NAME} (TF-ported Inception-v3, 2048-d pool features, needed for "
-            "FID comparable with published numbers) is not implemented yet"
-        )
+        from ucgm_core.inception import InceptionFeatures  # imports this module
+
+        return InceptionFeatures(device=device, **options)  # type: ignore[arg-type]
     raise ValueError(f"unknown feature extractor {name!r}; valid names: {list(FEATURE_EXTRACTOR_NAMES)}")

@@ -21,9 +21,12 @@ One batch (x, labels) is trained as follows (t = 0 data, t = 1 noise):
    with the network input x_r = alpha(r) z + gamma(r) x and the conversion point
    y_r = alpha(r) z_tar + gamma(r) x_tar. Without enhancement y_r = x_r; with it the conversion
    uses the enhanced pair while the network sees the true pair, as the reference code does.
-   Following the paper, the derivative is taken through the target network theta-. (The reference
-   code's lambda > 0 branch evaluates the live weights under no_grad instead; that is the "live"
-   target policy here.)
+   Which weights the derivative is taken through is `derivative_network`: "live" (the default)
+   evaluates the online weights under stop-gradient, as the reference code and sCM do; "target"
+   evaluates theta-, the paper's literal reading. With a frozen theta- (few-step training from a
+   multi-step checkpoint) "target" is unstable: d never changes, so every step pushes F the same
+   way and the output grows without bound (seen on the 8-Gaussians toy); theta- then serves the
+   enhanced target only, as in the reference.
 4. Loss per sample: sqrt(mean((F_t - target)^2) + c^2) - c, plus mean(1 - cos(F_t, target)) over
    the channel axis (dim 1) when `cosine_loss`, times cos(pi t / 2) when time_weighting is
    "cosine"; the loss is the batch mean. With c = 0 this is a per-sample RMSE, not an MSE.
@@ -109,6 +112,7 @@ class ObjectiveSettings:
     time_distribution: TimeDistribution = field(default_factory=BetaTime)
     consistency_ratio: float = 0.0
     derivative: Literal["finite_difference", "jvp"] = "finite_difference"
+    derivative_network: Literal["live", "target"] = "live"
     finite_difference_step: float = 0.005
     target_network: Literal["ema", "live", "frozen"] = "ema"
     target_ema_decay: float = 0.999
@@ -132,6 +136,7 @@ class ObjectiveSettings:
     def _check_choices(self) -> None:
         choices = {
             "derivative": ("finite_difference", "jvp"),
+            "derivative_network": ("live", "target"),
             "target_network": ("ema", "live", "frozen"),
             "enhanced_style": _STYLES,
             "time_weighting": ("none", "cosine"),
@@ -186,8 +191,10 @@ class ObjectiveSettings:
 
     @property
     def needs_target_network(self) -> bool:
-        """theta- is evaluated only for consistency training or an enhanced target."""
-        return self.consistency_ratio > 0.0 or self.enhanced_ratio > 0.0
+        """theta- is evaluated only for an enhanced target, or for a consistency derivative taken
+        through it (derivative_network = "target")."""
+        through_target = self.consistency_ratio > 0.0 and self.derivative_network == "target"
+        return self.enhanced_ratio > 0.0 or through_target
 
 
 @dataclass
@@ -409,6 +416,11 @@ class UnifiedObjective:
         s = self.settings
         return TargetNetwork.create(s.target_network, model, s.target_ema_decay, s.target_decay_warmup)
 
+    def extra_modules(self) -> list[nn.Module]:
+        """Modules with parameters the optimiser must train besides the network's: none here
+        (the training-objective interface of ucgm_core.systems; sCM's learned weight is one)."""
+        return []
+
     def __call__(
         self,
         network: Network,
@@ -418,11 +430,14 @@ class UnifiedObjective:
         *,
         generator: torch.Generator,
         num_classes: int | None = None,
+        step: int | None = None,
     ) -> ObjectiveOutput:
+        """One step's loss. `step` (the optimiser step, for warm-ups) is accepted so that every
+        training objective has the same call signature; UCGM-T has no step-dependent part."""
         settings = self.settings
         if settings.needs_target_network and target_network is None:
             raise ValueError(
-                "target_network is None but consistency_ratio > 0 or enhanced_ratio > 0 need one; "
+                "target_network is None but enhanced_ratio > 0 (or derivative_network='target') needs one; "
                 "pass TargetNetwork.module(online) (see UnifiedObjective.create_target_network)"
             )
         null_label = _null_label(network, num_classes)
@@ -434,7 +449,7 @@ class UnifiedObjective:
         random_state = RandomStateReplay(x.device)
         output = network(x_time, self.transport.network_time(time), dropped_labels)
         with torch.no_grad():
-            target, metrics = self._target(batch, output.detach(), target_network, random_state)
+            target, metrics = self._target(batch, output.detach(), network, target_network, random_state)
 
         losses = per_sample_loss(
             output,
@@ -455,7 +470,12 @@ class UnifiedObjective:
     # -- target ----------------------------------------------------------------------------
 
     def _target(
-        self, batch: _Batch, output: Tensor, target_network: Network | None, random_state: RandomStateReplay
+        self,
+        batch: _Batch,
+        output: Tensor,
+        network: Network,
+        target_network: Network | None,
+        random_state: RandomStateReplay,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         settings = self.settings
         data_target, noise_target = batch.data, batch.noise
@@ -466,7 +486,7 @@ class UnifiedObjective:
 
         prediction = path_data_prediction(
             self.transport,
-            target_network,
+            network if settings.derivative_network == "live" else target_network,
             batch.data,
             batch.noise,
             batch.labels,

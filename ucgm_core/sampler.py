@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -57,6 +57,10 @@ class SamplerSettings:
     order: 1, or 2 for the Heun correction (deterministic, so it needs stochasticity 0; see `sample`).
     guidance_scale: classifier-free guidance w; 1.0 is off, 0.0 is the unconditional model.
     guidance_interval: closed range of library time t (0 data, 1 noise) where guidance is applied.
+    condition_on_end_time: also pass the next grid time as the network's second time,
+        network(x, network_time(t_cur), labels, r=network_time(t_next)), for two-time networks that
+        predict the jump from t_cur to t_next (shortcut models, ESC; see ucgm_core.systems). With
+        stochasticity 0 the step is then exactly that jump, x_next = gamma(t_next) x_hat + alpha(t_next) z_hat.
     """
 
     steps: int = 20
@@ -67,6 +71,7 @@ class SamplerSettings:
     order: int = 1
     guidance_scale: float = 1.0
     guidance_interval: tuple[float, float] = (0.0, 1.0)
+    condition_on_end_time: bool = False
 
     def __post_init__(self) -> None:
         # YAML and pydantic hand over lists; keep the frozen object hashable and uniform.
@@ -103,6 +108,8 @@ class SamplerSettings:
                 f"order 2 (Heun) is a deterministic correction and needs stochasticity 0, got {self.stochasticity}; "
                 "set stochasticity to 0 or order to 1"
             )
+        if not isinstance(self.condition_on_end_time, bool):
+            raise ValueError(f"condition_on_end_time must be true or false, got {self.condition_on_end_time!r}")
         if self.guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}; use 1.0 for no guidance")
         low, high = self.guidance_interval
@@ -164,6 +171,14 @@ def _resolve_null_label(network: Network, null_label: int | None) -> int:
     return int(num_classes)
 
 
+def _standard_normal(shape: torch.Size, generator: torch.Generator | Sequence[torch.Generator], device: torch.device) -> Tensor:
+    """float64 N(0, I) of `shape`: from one generator, or row b from generator b (on its own device)."""
+    if isinstance(generator, torch.Generator):
+        return torch.randn(shape, generator=generator, device=device, dtype=torch.float64)
+    rows = [torch.randn(shape[1:], generator=g, device=g.device, dtype=torch.float64) for g in generator]
+    return torch.stack(rows).to(device)
+
+
 @torch.no_grad()
 def sample(
     network: Network,
@@ -172,7 +187,7 @@ def sample(
     labels: Tensor | None,
     settings: SamplerSettings,
     *,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     return_trajectory: bool = False,
     null_label: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
@@ -216,7 +231,9 @@ def sample(
         noise: (B, ...) initial state, usually N(0, I).
         labels: (B,) class labels or None for an unconditional network (guidance then impossible).
         settings: SamplerSettings.
-        generator: torch.Generator on the noise's device, for rho > 0.
+        generator: for rho > 0, a torch.Generator on the noise's device, or one generator per row
+            (a sequence of length B, on any device): row b's fresh noise then comes from generator b
+            alone, so a sample does not depend on the other members of its batch.
         return_trajectory: also return the stacked raw predictions.
         null_label: the unconditional label; defaults to `network.num_classes`.
     """
@@ -225,6 +242,8 @@ def sample(
         raise ValueError(
             f"stochasticity {rho} > 0 draws fresh noise each step: pass generator=torch.Generator(device=noise.device).manual_seed(...)"
         )
+    if rho > 0 and not isinstance(generator, torch.Generator) and len(generator) != noise.shape[0]:
+        raise ValueError(f"got {len(generator)} per-row generators for a batch of {noise.shape[0]}; pass one per row or a single generator")
     if labels is not None and labels.shape[:1] != noise.shape[:1]:
         raise ValueError(f"labels must have shape ({noise.shape[0]},) to match the noise batch, got {tuple(labels.shape)}")
 
@@ -250,12 +269,18 @@ def sample(
         t, t_value = times[i], grid_values[i]
         x_in = x.to(net_dtype)
         t_vec = torch.full((batch,), t_value, dtype=net_dtype, device=device)
+        # two-time networks read the time they jump to; one-time networks are called exactly as before
+        end_time = {}
+        if settings.condition_on_end_time:
+            end_vec = torch.full((batch,), grid_values[i + 1], dtype=net_dtype, device=device)
+            end_time = {"r": transport.network_time(end_vec)}
         if guided and low <= t_value <= high:
-            both = network(torch.cat([x_in, x_in]), transport.network_time(torch.cat([t_vec, t_vec])), guided_labels)
+            doubled_end = {"r": torch.cat([end_time["r"]] * 2)} if end_time else {}
+            both = network(torch.cat([x_in, x_in]), transport.network_time(torch.cat([t_vec, t_vec])), guided_labels, **doubled_end)
             conditional, unconditional = both.to(torch.float64).chunk(2)
             output = unconditional + settings.guidance_scale * (conditional - unconditional)
         else:
-            output = network(x_in, transport.network_time(t_vec), labels).to(torch.float64)
+            output = network(x_in, transport.network_time(t_vec), labels, **end_time).to(torch.float64)
         x_hat, z_hat = transport.predictions(output, x, t)
         if not return_trajectory:
             trajectory.clear()
@@ -279,7 +304,7 @@ def sample(
 
         nxt = transport.coefficients(t_next)
         if rho > 0:
-            eps = torch.randn(x.shape, generator=generator, device=device, dtype=torch.float64)
+            eps = _standard_normal(x.shape, generator, device)
             x_next = nxt.gamma * x_hat + nxt.alpha * (math.sqrt(1.0 - rho) * z_hat + math.sqrt(rho) * eps)
         else:
             x_next = nxt.gamma * x_hat + nxt.alpha * z_hat

@@ -1,0 +1,451 @@
+"""The `evaluate` and `reference` verbs: Fréchet distances (FID with the Inception features) of a
+trained model, for one or several sampler settings, with Ray Data.
+
+evaluate:
+
+    sample_table(N)                         sample i: seed = job.seed + i, label = i % classes
+                                            (the table of (seed, label) rows, class-balanced)
+      .map_batches(SampleStatistics,        one model copy per actor (num_actors, gpus_per_actor),
+                   batch_size=B)            batch_size samples per call; for every sampler setting
+                                            of the sweep, from the same noise: UCGM-S samples ->
+                                            features -> float64 (n, sum f, sum f f^T)
+    driver: merge the statistics rows as they stream in (never images or features),
+            Fréchet distance to the reference statistics per setting.
+
+Each row the actors return is O(D^2) (32 MiB for Inception's D = 2048), independent of the batch
+size, so larger batches mean less traffic. The results go to <run_dir>/evaluation/ and MLflow:
+the distance per setting as metrics, the table vs NFE as CSV and PNG, a sample grid per setting,
+and the extractor's name and weights hash as tags.
+
+reference: the statistics of a dataset split, computed once in one process and stored as a small
+.npz next to the data (local or S3), with the extractor's identifier; `evaluate` refuses a
+reference computed in another feature space.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from orchestrator import storage
+from orchestrator.config import JobConfig
+from orchestrator.errors import JobError
+from orchestrator.images import grid_png
+from orchestrator.inference import (
+    ExtractorSpec,
+    actor_device,
+    actor_resources,
+    checkpoint_path,
+    connect,
+    describe_settings,
+    extractor_spec,
+    read_model_file,
+    sweep_settings,
+)
+from orchestrator.tracking import open_tracker
+from ucgm_core.datasets import load_dataset
+from ucgm_core.evaluation import StageTimer, generate
+from ucgm_core.features import is_fid_extractor, quantize_to_uint8
+from ucgm_core.fid import FeatureStatistics, frechet_distance_from_statistics
+from ucgm_core.model_file import load_model_file
+from ucgm_core.sampler import SamplerSettings, count_network_evaluations
+from ucgm_core.transports import build_transport
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("sampling", "features", "statistics")
+
+
+class ReferenceError(JobError):
+    """Reference statistics that are missing or were computed in another feature space."""
+
+
+# --------------------------------------------------------------------------- reference statistics
+
+
+def default_reference_path(config: JobConfig, extractor_name: str) -> str:
+    """Where `reference` writes and `evaluate` looks: beside the data when it has a path
+    (`<data.path>-reference-<split>[-size<N>][-limit<N>]-<extractor>.npz`), else under
+    `<output_dir>/reference/`."""
+    data = config.data
+    tag = config.evaluation.reference_split
+    tag += f"-size{data.image_size}" if data.image_size else ""
+    tag += f"-limit{data.limit}" if data.limit else ""
+    if data.path:
+        return f"{data.path.rstrip('/')}-reference-{tag}-{extractor_name}.npz"
+    return storage.join(config.output_dir, "reference", f"{data.name}-{tag}-{extractor_name}.npz")
+
+
+def reference_path(config: JobConfig) -> str:
+    return config.evaluation.reference or default_reference_path(config, config.evaluation.extractor)
+
+
+def save_reference(path: str, statistics: FeatureStatistics, extractor_identifier: str, description: str) -> None:
+    """Write statistics as .npz, with the feature space and the data they describe."""
+    buffer = io.BytesIO()
+    np.savez(
+        buffer,
+        count=np.asarray(statistics.count, dtype=np.int64),
+        feature_sum=statistics.feature_sum,
+        outer_sum=statistics.outer_sum,
+        extractor=np.asarray(extractor_identifier),
+        description=np.asarray(description),
+    )
+    storage.write_bytes(path, buffer.getvalue())
+
+
+def load_reference(path: str, extractor_identifier: str) -> FeatureStatistics:
+    """Statistics written by `reference`; refused when computed with another extractor."""
+    if not storage.exists(path):
+        raise ReferenceError(
+            f"no reference statistics at {path!r}; compute them once with "
+            "`python -m orchestrator reference <job.yaml>` (same job spec), or set evaluation.reference"
+        )
+    data = storage.read_bytes(path)
+    statistics = FeatureStatistics.load(io.BytesIO(data))
+    with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+        stored = str(arrays["extractor"]) if "extractor" in arrays.files else "<not recorded>"
+    if stored != extractor_identifier:
+        raise ReferenceError(
+            f"reference statistics {path!r} were computed with {stored}, but this evaluation uses {extractor_identifier}; "
+            "distances across feature spaces mean nothing. Recompute them with `python -m orchestrator reference <job.yaml>`"
+        )
+    return statistics
+
+
+@dataclass
+class ReferenceSummary:
+    path: str
+    count: int
+    extractor: str
+    dataset: str
+    seconds: float
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+
+def run_reference(config: JobConfig) -> ReferenceSummary:
+    """Statistics of the job's dataset split in the job's feature space, written to
+    evaluation.reference (default: `default_reference_path`)."""
+    started = time.perf_counter()
+    evaluation = config.evaluation
+    dataset = load_dataset(
+        config.data.name, path=config.data.path, image_size=config.data.image_size, limit=config.data.limit, split=evaluation.reference_split
+    )
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    extractor = extractor_spec(config, dataset.image_shape).build(device)
+    logger.info("reference statistics of %s (%d images) with %s", dataset.name, len(dataset), extractor.identifier())
+    statistics = FeatureStatistics.empty(extractor.feature_dim)
+    from tqdm import tqdm
+
+    for start in tqdm(range(0, len(dataset), evaluation.batch_size), desc="reference", unit="batch"):
+        images = dataset.images[start : start + evaluation.batch_size].to(device)
+        statistics = statistics.merge(FeatureStatistics.from_features(extractor(images)))
+    path = reference_path(config)
+    description = f"{dataset.name} split={evaluation.reference_split} images={len(dataset)} shape={tuple(dataset.image_shape)}"
+    save_reference(path, statistics, extractor.identifier(), description)
+    logger.info("wrote %s", path)
+    return ReferenceSummary(path, statistics.count, extractor.identifier(), description, round(time.perf_counter() - started, 2))
+
+
+# --------------------------------------------------------------------------- the Ray Data stages
+
+
+def sample_table(num_samples: int, batch_size: int, *, seed: int, num_classes: int):
+    """The Ray Dataset of rows (index i, seed seed + i, label i mod classes), class-balanced and a
+    function of i alone, so any split of the table gives the same samples. One block per batch, so
+    the actors share the work; built on the driver (24 bytes a row), so no read task competes with
+    the actors for CPUs (on a node with exactly num_actors CPUs it would wait forever)."""
+    import pyarrow as pa
+    import ray
+
+    blocks = []
+    for start in range(0, num_samples, batch_size):
+        index = np.arange(start, min(start + batch_size, num_samples), dtype=np.int64)
+        blocks.append(pa.table({"index": index, "seed": seed + index, "label": index % num_classes}))
+    return ray.data.from_arrow(blocks)
+
+
+class SampleStatistics:
+    """A Ray Data actor: one model copy, one feature extractor; a batch of (index, seed, label)
+    rows in, one row of float64 feature statistics per sampler setting out."""
+
+    def __init__(
+        self,
+        model: list[Any],
+        settings: list[dict[str, Any]],
+        extractor: ExtractorSpec,
+        grid_count: int,
+        cpus: float,
+    ):
+        import ray
+
+        self.device = actor_device(cpus)
+        data = model[0] if isinstance(model[0], bytes) else ray.get(model[0])
+        contents = load_model_file(io.BytesIO(data), map_location=self.device)
+        self.network = contents.model.to(self.device)
+        self.transport = build_transport(contents.transport)
+        self.image_shape = (contents.in_channels, contents.input_size, contents.input_size)
+        self.settings = [SamplerSettings(**s) for s in settings]
+        self.extractor = extractor.build(self.device)
+        self.grid_count = grid_count
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        seeds = [int(s) for s in batch["seed"]]
+        labels = torch.tensor(batch["label"], dtype=torch.long)
+        in_grid = batch["index"] < self.grid_count
+        rows: dict[str, list[Any]] = {key: [] for key in ("setting", "count", "feature_sum", "outer_sum", "grid", *STAGES)}
+        for number, settings in enumerate(self.settings):
+            timer = StageTimer(self.device)
+            with timer("sampling"):
+                images = generate(self.network, self.transport, settings, seeds, labels, self.image_shape, self.device)
+            with timer("features"):
+                features = self.extractor(images)
+            with timer("statistics"):
+                statistics = FeatureStatistics.from_features(features)
+            rows["setting"].append(number)
+            rows["count"].append(statistics.count)
+            rows["feature_sum"].append(statistics.feature_sum)
+            rows["outer_sum"].append(statistics.outer_sum)
+            rows["grid"].append(_grid_bytes(batch["index"][in_grid], images[torch.from_numpy(in_grid).to(images.device)]) if in_grid.any() else b"")
+            for stage in STAGES:
+                rows[stage].append(timer.seconds[stage])
+        return {
+            "setting": np.asarray(rows["setting"], dtype=np.int64),
+            "count": np.asarray(rows["count"], dtype=np.int64),
+            "feature_sum": np.stack(rows["feature_sum"]),
+            "outer_sum": np.stack(rows["outer_sum"]),
+            "grid": np.asarray(rows["grid"], dtype=object),
+            **{stage: np.asarray(rows[stage], dtype=np.float64) for stage in STAGES},
+        }
+
+
+def _grid_bytes(indices: np.ndarray, images: torch.Tensor) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, index=indices.astype(np.int64), pixels=quantize_to_uint8(images).cpu().numpy())
+    return buffer.getvalue()
+
+
+def _grid_images(parts: list[bytes], count: int) -> torch.Tensor | None:
+    """The first `count` samples of a setting, in index order, back in [-1, 1]."""
+    indices, pixels = [], []
+    for part in parts:
+        with np.load(io.BytesIO(part), allow_pickle=False) as arrays:
+            indices.append(arrays["index"])
+            pixels.append(arrays["pixels"])
+    if not indices:
+        return None
+    order = np.argsort(np.concatenate(indices))[:count]
+    return torch.from_numpy(np.concatenate(pixels)[order]).float() / 127.5 - 1.0
+
+
+# --------------------------------------------------------------------------- the verb
+
+
+@dataclass
+class SettingResult:
+    setting: str
+    nfe: int
+    distance: float
+    count: int
+    sampler: dict[str, Any]
+
+
+@dataclass
+class EvaluateSummary:
+    checkpoint: str
+    metric: str  # "fid" (Inception) or "frechet_distance" (any other feature space)
+    extractor: str
+    reference: str
+    num_samples: int
+    num_actors: int
+    results: list[SettingResult]
+    seconds: float
+    samples_per_second: float  # samples generated and scored per wall-clock second, all settings together
+    stage_seconds: dict[str, float]  # actor seconds (summed over actors) per stage
+    output_dir: str
+    mlflow_run_id: str | None
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+
+def run_evaluate(config: JobConfig) -> EvaluateSummary:
+    """Score the model file for every sampler setting of the sweep (see the module docstring)."""
+    import ray
+
+    started = time.perf_counter()
+    evaluation = config.evaluation
+    settings = sweep_settings(config)
+    model_bytes, contents = read_model_file(config)
+    image_shape = (contents.in_channels, contents.input_size, contents.input_size)
+    spec = extractor_spec(config, image_shape)
+    # the reference is checked before the cluster spends anything: build the extractor here for
+    # its identifier (cheap: the weights file is read, nothing is run)
+    identifier = spec.build("cpu").identifier()
+    reference = load_reference(reference_path(config), identifier)
+    metric = "fid" if is_fid_extractor(spec.name) else "frechet_distance"
+    checkpoint = checkpoint_path(config)
+    num_classes = contents.num_classes
+    del contents
+
+    connect(config)
+    resources = actor_resources(config)
+    model_ref = ray.put(model_bytes)
+    del model_bytes
+    num_samples, batch_size = evaluation.num_samples, evaluation.batch_size
+    grid_count = evaluation.grid_size**2
+    table = sample_table(num_samples, batch_size, seed=config.seed, num_classes=num_classes)
+    statistics_rows = table.map_batches(
+        SampleStatistics,
+        fn_constructor_kwargs={
+            "model": [model_ref],
+            "settings": [dataclasses.asdict(s) for s in settings],
+            "extractor": spec,
+            "grid_count": grid_count,
+            "cpus": resources.cpus,
+        },
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=resources.count),
+        **resources.remote_args(),
+    )
+    logger.info(
+        "evaluating %s: %d samples x %d settings on %d actors (%g CPU, %g GPU each), %s",
+        checkpoint, num_samples, len(settings), resources.count, resources.cpus, resources.gpus, identifier,
+    )
+    merged = [FeatureStatistics.empty(reference.dim) for _ in settings]
+    grids: list[list[bytes]] = [[] for _ in settings]
+    stage_seconds = dict.fromkeys(STAGES, 0.0)
+    from tqdm import tqdm
+
+    with tqdm(total=num_samples * len(settings), desc="evaluate", unit="sample") as progress:
+        for block in statistics_rows.iter_batches(batch_size=None, batch_format="numpy"):
+            for row in range(len(block["setting"])):
+                number = int(block["setting"][row])
+                merged[number] = merged[number].merge(
+                    FeatureStatistics(int(block["count"][row]), block["feature_sum"][row], block["outer_sum"][row])
+                )
+                if len(block["grid"][row]):
+                    grids[number].append(block["grid"][row])
+                for stage in STAGES:
+                    stage_seconds[stage] += float(block[stage][row])
+                progress.update(int(block["count"][row]))
+
+    results = []
+    for number, (setting, statistics) in enumerate(zip(settings, merged)):
+        if statistics.count != num_samples:
+            raise RuntimeError(f"setting {number} merged {statistics.count} samples, expected {num_samples}")
+        results.append(
+            SettingResult(
+                setting=describe_settings(setting, config.sampler),
+                nfe=count_network_evaluations(setting),
+                distance=frechet_distance_from_statistics(statistics, reference),
+                count=statistics.count,
+                sampler=dataclasses.asdict(setting),
+            )
+        )
+    seconds = time.perf_counter() - started
+    summary = EvaluateSummary(
+        checkpoint=checkpoint,
+        metric=metric,
+        extractor=identifier,
+        reference=reference_path(config),
+        num_samples=num_samples,
+        num_actors=resources.count,
+        results=results,
+        seconds=round(seconds, 3),
+        samples_per_second=num_samples * len(settings) / seconds,
+        stage_seconds={k: round(v, 3) for k, v in stage_seconds.items()},
+        output_dir=storage.join(config.run_dir, "evaluation"),
+        mlflow_run_id=None,
+    )
+    for result in results:
+        label = "FID" if metric == "fid" else f"Frechet distance in {spec.name} feature space (not FID)"
+        logger.info("%s  NFE %d  %s %.4f", result.setting, result.nfe, label, result.distance)
+    _write_outputs(config, summary, spec, grids)
+    return summary
+
+
+def _table_csv(summary: EvaluateSummary) -> bytes:
+    buffer = io.StringIO()
+    fields = [f.name for f in dataclasses.fields(SamplerSettings)]
+    writer = csv.writer(buffer)
+    writer.writerow(["setting", "nfe", summary.metric, "num_samples", *fields, "extractor"])
+    for result in sorted(summary.results, key=lambda r: r.nfe):
+        writer.writerow([result.setting, result.nfe, repr(result.distance), result.count, *(result.sampler[f] for f in fields), summary.extractor])
+    return buffer.getvalue().encode()
+
+
+def _table_plot(summary: EvaluateSummary, extractor_name: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(figsize=(6, 4), dpi=100)
+    for result in summary.results:
+        axes.plot(result.nfe, result.distance, "o")
+        axes.annotate(result.setting, (result.nfe, result.distance), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    by_nfe = sorted(summary.results, key=lambda r: r.nfe)
+    axes.plot([r.nfe for r in by_nfe], [r.distance for r in by_nfe], "-", color="grey", alpha=0.4)
+    axes.set_xlabel("network evaluations (NFE)")
+    axes.set_ylabel("FID" if summary.metric == "fid" else f"Frechet distance ({extractor_name}, not FID)")
+    axes.set_title(f"{summary.num_samples} samples", fontsize=9)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    pyplot.close(figure)
+    return buffer.getvalue()
+
+
+def _write_outputs(config: JobConfig, summary: EvaluateSummary, spec: ExtractorSpec, grids: list[list[bytes]]) -> None:
+    """<run_dir>/evaluation/ and an MLflow run: metrics, table, plot, grids, extractor tags."""
+    folder = summary.output_dir
+    tracker = open_tracker(
+        config.tracking.enabled, config.tracking.tracking_uri, config.tracking.experiment or config.name, run_name=f"{config.name}-evaluate"
+    )
+    try:
+        tracker.log_params(config.to_flat_dict())
+        sha = summary.extractor.split("weights_sha256=", 1)[1].split(",", 1)[0] if "weights_sha256=" in summary.extractor else ""
+        tracker.set_tags(
+            {
+                "verb": "evaluate",
+                "feature_extractor": spec.name,
+                "feature_extractor_identifier": summary.extractor,
+                "feature_extractor_weights_sha256": sha,
+                "metric": summary.metric,
+                "checkpoint": summary.checkpoint,
+                "reference": summary.reference,
+            }
+        )
+        for result in summary.results:
+            tracker.log_metrics({f"{summary.metric}/{result.setting}": result.distance}, step=result.nfe)
+            tracker.log_metrics({summary.metric: result.distance}, step=result.nfe)
+        tracker.log_metrics({"samples_per_second": summary.samples_per_second, **{f"seconds/{k}": v for k, v in summary.stage_seconds.items()}}, step=0)
+        name = f"{summary.metric}_vs_nfe"
+        artifacts = {f"{name}.csv": _table_csv(summary), f"{name}.png": _table_plot(summary, spec.name)}
+        for result, parts in zip(summary.results, grids):
+            images = _grid_images(parts, config.evaluation.grid_size**2)
+            if images is not None:
+                artifacts[f"samples/{result.setting}.png"] = grid_png(images, columns=config.evaluation.grid_size)
+        summary.mlflow_run_id = tracker.run_id
+        artifacts["summary.json"] = summary.to_json().encode()
+        for relative, data in artifacts.items():
+            storage.write_bytes(storage.join(folder, relative), data)
+            tracker.log_artifact_bytes(data, f"evaluation/{relative}")
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish()

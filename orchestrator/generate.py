@@ -1,0 +1,260 @@
+"""The `generate` verb: many images from a model file, in shards, with Ray Data; resumable.
+
+Image i has seed `job.seed + i` and label `i mod classes` (the same convention as `evaluate`,
+so image i here is sample i there for the sampler section's settings), and is a function of
+(seed, label) alone: the same seed always gives the same image, whatever the shard size or the
+number of actors.
+
+Layout under `out` (local folder or s3://bucket/prefix), shard k holding images
+[k * shard_size, (k + 1) * shard_size):
+
+    generation.json             what was asked (model file, sampler, seed, sizes); a re-run with
+                                different parameters is refused instead of mixing two sets
+    shard-00000/00000000.png    formats: png (one file per image, named by its index)
+    shard-00000.parquet         formats: parquet (columns index, seed, label, image = PNG bytes;
+                                readable as a dataset: data.name=parquet)
+    shard-00000.done            the shard's manifest, written last: a shard counts as finished
+                                only when it exists
+
+A re-run lists the .done markers and generates only the other shards, rewriting any half-written
+one from scratch (its files are overwritten with identical bytes), so an interrupted generation
+resumes with neither duplicates nor gaps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import math
+import os
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from orchestrator import storage
+from orchestrator.config import JobConfig
+from orchestrator.errors import JobError
+from orchestrator.inference import actor_device, actor_resources, checkpoint_path, connect, read_model_file
+from ucgm_core.evaluation import balanced_labels, generate
+from ucgm_core.features import quantize_to_uint8
+from ucgm_core.model_file import load_model_file
+from ucgm_core.sampler import SamplerSettings
+from ucgm_core.transports import build_transport
+
+logger = logging.getLogger(__name__)
+
+PARAMETERS_FILE = "generation.json"
+_DONE = re.compile(r"^shard-(\d{5,})\.done$")
+
+
+class GenerationMismatchError(JobError):
+    """An output folder that holds a generation with other parameters."""
+
+
+def shard_name(shard: int) -> str:
+    return f"shard-{shard:05d}"
+
+
+def image_name(index: int) -> str:
+    return f"{index:08d}.png"
+
+
+def output_folder(config: JobConfig) -> str:
+    out = config.evaluation.generation.out or storage.join(config.run_dir, "generated")
+    return out if "://" in out else os.path.abspath(out)
+
+
+def finished_shards(out: str) -> set[int]:
+    """Shards whose .done marker exists (listing fresh from the store, not from a cache)."""
+    from fsspec.core import url_to_fs
+
+    filesystem, _ = url_to_fs(out)
+    filesystem.invalidate_cache()  # other processes wrote there since this one last listed
+    return {int(m.group(1)) for name in storage.list_names(out) if (m := _DONE.match(name))}
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """(C, H, W) uint8 -> PNG (grey for C = 1, RGB for C = 3)."""
+    array = pixels[0] if pixels.shape[0] == 1 else np.transpose(pixels, (1, 2, 0))
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class ShardWriter:
+    """A Ray Data actor: one model copy; each input row names a shard, which it generates in
+    batches and writes, marker last."""
+
+    def __init__(self, model: list[Any], settings: dict[str, Any], out: str, plan: dict[str, int], formats: tuple[str, ...], cpus: float):
+        import ray
+
+        self.device = actor_device(cpus)
+        data = model[0] if isinstance(model[0], bytes) else ray.get(model[0])
+        contents = load_model_file(io.BytesIO(data), map_location=self.device)
+        self.network = contents.model.to(self.device)
+        self.transport = build_transport(contents.transport)
+        self.image_shape = (contents.in_channels, contents.input_size, contents.input_size)
+        self.num_classes = contents.num_classes
+        self.settings = SamplerSettings(**settings)
+        self.out, self.plan, self.formats = out, plan, formats
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        counts, seconds = [], []
+        for shard in batch["shard"]:
+            started = time.perf_counter()
+            counts.append(self.write_shard(int(shard)))
+            seconds.append(time.perf_counter() - started)
+        return {"shard": np.asarray(batch["shard"], dtype=np.int64), "count": np.asarray(counts, dtype=np.int64), "seconds": np.asarray(seconds)}
+
+    def write_shard(self, shard: int) -> int:
+        plan = self.plan
+        first = shard * plan["shard_size"]
+        last = min(first + plan["shard_size"], plan["num_samples"])
+        rows: list[dict[str, Any]] = []
+        for start in range(first, last, plan["batch_size"]):
+            stop = min(start + plan["batch_size"], last)
+            seeds = [plan["seed"] + i for i in range(start, stop)]
+            labels = balanced_labels(stop - start, self.num_classes, start)
+            images = generate(self.network, self.transport, self.settings, seeds, labels, self.image_shape, self.device)
+            for offset, pixels in enumerate(quantize_to_uint8(images).cpu().numpy()):
+                index = start + offset
+                data = png_bytes(pixels)
+                if "png" in self.formats:
+                    storage.write_bytes(storage.join(self.out, shard_name(shard), image_name(index)), data)
+                rows.append({"index": index, "seed": seeds[offset], "label": int(labels[offset]), "image": data})
+        if "parquet" in self.formats:
+            _write_parquet(storage.join(self.out, f"{shard_name(shard)}.parquet"), rows)
+        manifest = {
+            "shard": shard,
+            "first_index": first,
+            "count": len(rows),
+            "files": [f"{shard_name(shard)}/{image_name(r['index'])}" for r in rows] if "png" in self.formats else [],
+        }
+        storage.write_bytes(storage.join(self.out, f"{shard_name(shard)}.done"), json.dumps(manifest).encode())
+        return len(rows)
+
+
+def _write_parquet(path: str, rows: list[dict[str, Any]]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table(
+        {
+            "index": pa.array([r["index"] for r in rows], pa.int64()),
+            "seed": pa.array([r["seed"] for r in rows], pa.int64()),
+            "label": pa.array([r["label"] for r in rows], pa.int64()),
+            "image": pa.array([r["image"] for r in rows], pa.binary()),
+        }
+    )
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    storage.write_bytes(path, buffer.getvalue())
+
+
+@dataclass
+class GenerateSummary:
+    out: str
+    num_samples: int
+    shards: int
+    shards_written: int
+    shards_skipped: int
+    images_written: int
+    seconds: float
+    images_per_second: float
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+
+def _check_parameters(out: str, parameters: dict[str, Any]) -> None:
+    path = storage.join(out, PARAMETERS_FILE)
+    parameters = json.loads(json.dumps(parameters))  # tuples -> lists, as the stored copy has them
+    if storage.exists(path):
+        existing = json.loads(storage.read_bytes(path))
+        if existing != parameters:
+            changed = sorted(k for k in set(existing) | set(parameters) if existing.get(k) != parameters.get(k))
+            raise GenerationMismatchError(
+                f"{out!r} holds a generation with other parameters ({', '.join(changed)} differ); "
+                "resuming would mix two sets. Use another out=, or delete the folder to start over"
+            )
+    else:
+        storage.write_bytes(path, json.dumps(parameters, indent=2).encode())
+
+
+def run_generate(config: JobConfig) -> GenerateSummary:
+    """Write evaluation.generation.num_samples images under evaluation.generation.out, skipping
+    shards finished by an earlier run (see the module docstring)."""
+    import ray
+
+    started = time.perf_counter()
+    generation = config.evaluation.generation
+    out = output_folder(config)
+    storage.check_writable(out)
+    model_bytes, contents = read_model_file(config)
+    num_shards = math.ceil(generation.num_samples / generation.shard_size)
+    parameters = {
+        "checkpoint": checkpoint_path(config),
+        "checkpoint_sha256": _sha256(model_bytes),
+        "sampler": dataclasses.asdict(config.sampler),
+        "seed": config.seed,
+        "num_samples": generation.num_samples,
+        "shard_size": generation.shard_size,
+        "formats": list(generation.formats),
+        "image_shape": [contents.in_channels, contents.input_size, contents.input_size],
+        "num_classes": contents.num_classes,
+    }
+    _check_parameters(out, parameters)
+    done = finished_shards(out)
+    pending = [shard for shard in range(num_shards) if shard not in done]
+    logger.info("generate %d images into %s: %d shards, %d already finished", generation.num_samples, out, num_shards, num_shards - len(pending))
+    written = 0
+    if pending:
+        connect(config)
+        resources = actor_resources(config)
+        model_ref = ray.put(model_bytes)
+        plan = {"num_samples": generation.num_samples, "shard_size": generation.shard_size, "batch_size": config.evaluation.batch_size, "seed": config.seed}
+        shards = ray.data.from_items([{"shard": shard} for shard in pending], override_num_blocks=len(pending))
+        results = shards.map_batches(
+            ShardWriter,
+            fn_constructor_kwargs={
+                "model": [model_ref],
+                "settings": dataclasses.asdict(config.sampler),
+                "out": out,
+                "plan": plan,
+                "formats": tuple(generation.formats),
+                "cpus": resources.cpus,
+            },
+            batch_size=1,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=min(resources.count, len(pending))),
+            **resources.remote_args(),
+        )
+        from tqdm import tqdm
+
+        with tqdm(total=len(pending), desc="generate", unit="shard") as progress:
+            for row in results.iter_rows():
+                written += int(row["count"])
+                progress.update(1)
+    seconds = time.perf_counter() - started
+    return GenerateSummary(
+        out=out,
+        num_samples=generation.num_samples,
+        shards=num_shards,
+        shards_written=len(pending),
+        shards_skipped=num_shards - len(pending),
+        images_written=written,
+        seconds=round(seconds, 3),
+        images_per_second=written / seconds,
+    )
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()

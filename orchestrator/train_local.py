@@ -1,0 +1,112 @@
+"""The single-process training backend: a plain torch optimiser and checkpoints in the run folder.
+
+It is the reference the Ray/DeepSpeed backend is checked against, and a way to train with no
+Ray at all (`distributed.backend=local`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any
+
+import torch
+
+from orchestrator import checkpoints, storage
+from orchestrator.errors import CheckpointError, ResourceError
+from orchestrator.config import JobConfig
+from orchestrator.training import TrainingRun, TrainSummary, compatibility_problem, tracker_factory, train_loop
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ResourceError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+def warmup_schedule(warmup_steps: int):
+    """Linear learning-rate warm-up over `warmup_steps` optimiser steps, then constant."""
+    warmup = max(warmup_steps, 1)
+    return lambda step: min(1.0, (step + 1) / warmup)
+
+
+def build_optimizer(parameters, config: JobConfig) -> torch.optim.Optimizer:
+    train = config.train
+    optimizer_class = {"adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}[train.optimizer]
+    return optimizer_class(parameters, lr=train.learning_rate, betas=train.betas, weight_decay=train.weight_decay)
+
+
+class TorchOptimization:
+    """Gradient accumulation, clipping and the optimiser step with plain torch."""
+
+    def __init__(self, run: TrainingRun):
+        self.network = run.model
+        self.accumulation_steps = run.accumulation_steps
+        self.gradient_clip = run.config.train.gradient_clip
+        self.optimizer = build_optimizer(run.model.parameters(), run.config)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_schedule(run.config.train.warmup_steps))
+
+    def micro_step(self, loss: torch.Tensor) -> None:
+        (loss / self.accumulation_steps).backward()
+
+    def finish_step(self) -> float:
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.gradient_clip or math.inf)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    def learning_rate(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def gathered_parameters(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def mean_over_ranks(self, value: float) -> float:
+        return value
+
+
+class RunFolderCheckpointer:
+    """Checkpoints as `<run_dir>/checkpoints/step_XXXXXXXX/state.pt` (see orchestrator.checkpoints)."""
+
+    def __init__(self, config: JobConfig):
+        self.config = config
+
+    def restore(self, run: TrainingRun, optimization: TorchOptimization) -> dict[str, Any] | None:
+        latest = checkpoints.latest_checkpoint(self.config.run_dir)
+        if latest is None:
+            return None
+        state = checkpoints.load_checkpoint(latest)
+        problem = compatibility_problem(state.get("config", {}), self.config)
+        if problem:
+            raise CheckpointError(f"cannot resume from checkpoint {latest}: {problem}")
+        run.model.load_state_dict(state["model"])
+        run.load_averages_state(state)
+        optimization.optimizer.load_state_dict(state["optimizer"])
+        optimization.scheduler.load_state_dict(state["scheduler"])
+        run.step = state["step"]
+        return state
+
+    def save(self, run: TrainingRun, optimization: TorchOptimization, extra: dict[str, Any], metrics: dict[str, float]) -> None:
+        state = {
+            "step": run.step,
+            "model": run.model.state_dict(),
+            **run.averages_state(),
+            "optimizer": optimization.optimizer.state_dict(),
+            "scheduler": optimization.scheduler.state_dict(),
+            "config": self.config.model_dump(mode="json"),
+            **extra,
+        }
+        checkpoints.save_checkpoint(self.config.run_dir, run.step, state, keep=self.config.train.keep_checkpoints)
+
+    def report(self, metrics: dict[str, float]) -> None:
+        pass
+
+
+def run_train_local(config: JobConfig) -> TrainSummary:
+    """Train in this process, resuming from the newest checkpoint of the run folder if there is one."""
+    storage.check_writable(config.run_dir)  # fails early on an unreachable storage path
+    run = TrainingRun(config, device=resolve_device(config.train.device))
+    return train_loop(run, TorchOptimization(run), RunFolderCheckpointer(config), tracker_factory(config))

@@ -1,0 +1,375 @@
+"""The training loop, shared by the single-process backend and every Ray Train worker.
+
+What differs between backends sits behind two small interfaces:
+
+- an `Optimization` does the backward pass and the optimiser step (plain torch, or a DeepSpeed
+  engine that owns ZeRO sharding, accumulation, clipping and mixed precision);
+- a `Checkpointer` saves and restores the training state (a run folder, or Ray Train's
+  checkpoint storage) and forwards interval metrics to the backend.
+
+Everything random in a step is a function of (seed, step, chunk) and the data of a step a
+function of (seed, step), where a chunk is one micro-batch of the global batch: chunk
+c = micro_step * world_size + rank of world_size * accumulation_steps chunks. A run on W workers
+with A accumulation steps therefore computes the same gradients as one process with W * A
+accumulation steps, and a resumed run the same as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+import torch
+
+from orchestrator import storage
+from orchestrator.batches import BatchSchedule, step_generator
+from orchestrator.config import JobConfig
+from orchestrator.images import grid_png
+from orchestrator.tracking import NullTracker, Tracker, open_tracker
+from ucgm_core.datasets import ImageDataset, load_dataset
+from ucgm_core.dit import DiT, build_dit
+from ucgm_core.ema import ModelEMA, TargetNetwork
+from ucgm_core.evaluation import balanced_labels, dataset_statistics, generate, sample_statistics
+from ucgm_core.features import DigitClassifierFeatures
+from ucgm_core.fid import frechet_distance_from_statistics
+from ucgm_core.model_file import model_file_bytes
+from ucgm_core.objective import UnifiedObjective
+from ucgm_core.transports import build_transport
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_precision(choice: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for full float32."""
+    if choice == "bf16" or (choice == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+class TrainingRun:
+    """What one rank trains with: data, network, EMA, target network, objective.
+
+    The EMA and the target network are full copies taken before any engine shards the network,
+    so they stay plain modules under every ZeRO stage."""
+
+    def __init__(self, config: JobConfig, *, device: torch.device, rank: int = 0, world_size: int = 1):
+        self.config = config
+        self.rank, self.world_size = rank, world_size
+        self.device = device
+        self.autocast_dtype = resolve_precision(config.train.precision, device)
+        torch.manual_seed(config.seed)  # the same initial weights on every rank
+
+        self.dataset: ImageDataset = load_dataset(
+            config.data.name, path=config.data.path, image_size=config.data.image_size, limit=config.data.limit
+        )
+        channels, size, _ = self.dataset.image_shape
+        self.model: DiT = build_dit(config.model, input_size=size, in_channels=channels, num_classes=self.dataset.num_classes)
+        self.model.to(device)
+        if config.objective.derivative == "jvp":
+            self.model.set_attention("math")  # forward-mode AD does not pass fused attention kernels
+        self.ema = ModelEMA(self.model, decay=config.train.ema_decay, warmup=True)
+        self.transport = build_transport(config.transport)
+        self.objective = UnifiedObjective(self.transport, config.objective)
+        # theta- costs a model copy; multi-step training without an enhanced target never reads it
+        self.target: TargetNetwork | None = (
+            self.objective.create_target_network(self.model) if self.objective.needs_target_network else None
+        )
+        self.schedule = BatchSchedule(len(self.dataset), config.train.batch_size, config.seed)
+        self.accumulation_steps = config.train.gradient_accumulation_steps
+        self.step = 0
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.dataset.image_shape)
+
+    @property
+    def num_chunks(self) -> int:
+        return self.world_size * self.accumulation_steps
+
+    def chunk(self, micro_step: int) -> int:
+        return micro_step * self.world_size + self.rank
+
+    def loss(self, network: Callable, step: int, micro_step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The objective on this rank's micro-batch `micro_step` of step `step` (forward only).
+        `network` is the module to train through (the DeepSpeed engine under DeepSpeed)."""
+        chunk = self.chunk(micro_step)
+        indices = self.schedule.chunk_indices(step, chunk, self.num_chunks)
+        images = self.dataset.images[indices].to(self.device, non_blocking=True)
+        labels = self.dataset.labels[indices].to(self.device, non_blocking=True)
+        generator = step_generator(self.config.seed, step, chunk, self.device)
+        target = self.target.module(self.model) if self.target is not None else None
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
+            output = self.objective(network, target, images, labels, generator=generator, num_classes=self.dataset.num_classes)
+        return output.loss, output.metrics
+
+    def update_averages(self) -> None:
+        self.ema.update(self.model)
+        if self.target is not None:
+            self.target.update(self.model)
+
+    def averages_state(self) -> dict[str, Any]:
+        return {"ema": self.ema.state_dict(), "target": self.target.state_dict() if self.target is not None else None}
+
+    def load_averages_state(self, state: dict[str, Any]) -> None:
+        self.ema.load_state_dict(state["ema"])
+        if self.target is not None:
+            self.target.load_state_dict(state["target"])
+
+    def model_file(self, metadata: dict[str, Any]) -> bytes:
+        channels, size, _ = self.image_shape
+        return model_file_bytes(
+            self.ema.module,
+            settings=self.config.model,
+            input_size=size,
+            in_channels=channels,
+            num_classes=self.dataset.num_classes,
+            transport=self.config.transport,
+            sampler=self.config.sampler,
+            metadata=metadata,
+        )
+
+
+class Optimization(Protocol):
+    network: Callable  # what the loss is computed through
+
+    def micro_step(self, loss: torch.Tensor) -> None: ...
+    def finish_step(self) -> float: ...  # returns the gradient norm before clipping
+    def learning_rate(self) -> float: ...
+    def gathered_parameters(self) -> AbstractContextManager: ...  # full weights readable inside
+    def mean_over_ranks(self, value: float) -> float: ...
+
+
+class Checkpointer(Protocol):
+    def restore(self, run: TrainingRun, optimization: Optimization) -> dict[str, Any] | None: ...
+    def save(self, run: TrainingRun, optimization: Optimization, extra: dict[str, Any], metrics: dict[str, float]) -> None: ...
+    def report(self, metrics: dict[str, float]) -> None: ...
+
+
+def compatibility_problem(saved_config: dict[str, Any], config: JobConfig) -> str | None:
+    """Why a checkpoint written under `saved_config` cannot be resumed by `config`, or None."""
+    current = config.model_dump(mode="json")
+    for section in ("model", "data", "transport"):
+        if saved_config.get(section) != current[section]:
+            return (
+                f"it was written by a job with a different {section!r} section ({saved_config.get(section)!r}; "
+                f"this job has {current[section]!r}). Nothing was changed: pick another name= or output_dir= "
+                "for a new run, or restore the old settings to resume."
+            )
+    return None
+
+
+class QualityScorer:
+    """Frechet distance of samples to the training data in a fixed classifier's feature space."""
+
+    def __init__(self, run: TrainingRun):
+        self.run = run
+        # sklearn's 8x8 digits fill their frame; MNIST digits sit in a 20x20 box (README, "Scores")
+        framing = "mnist_box" if run.image_shape[-1] < 20 else "stretch"
+        self.extractor = DigitClassifierFeatures(framing=framing, device=run.device)
+        self.reference = dataset_statistics(run.dataset.images.to(run.device), self.extractor, run.config.evaluation.batch_size)
+
+    def score(self, network: torch.nn.Module) -> float:
+        evaluation, run = self.run.config.evaluation, self.run
+        statistics = sample_statistics(
+            network,
+            run.transport,
+            run.config.sampler,
+            self.extractor,
+            num_samples=evaluation.num_samples,
+            num_classes=run.dataset.num_classes,
+            image_shape=run.image_shape,
+            batch_size=evaluation.batch_size,
+            seed=run.config.seed,
+            device=run.device,
+        )
+        return frechet_distance_from_statistics(statistics, self.reference)
+
+
+@dataclass
+class TrainSummary:
+    run_dir: str
+    steps: int
+    resumed_from: int
+    seconds: float
+    first_loss: float | None
+    last_loss: float | None
+    frechet_untrained: float | None
+    frechet_trained: float | None
+    extractor: str | None
+    mlflow_run_id: str | None
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainSummary:
+        return cls(**json.loads(text))
+
+
+class IntervalLog:
+    """Averages over each logging interval; one readable line per interval; metrics.jsonl."""
+
+    def __init__(self, run: TrainingRun, optimization: Optimization, tracker: Tracker, resumed_from: int):
+        self.run, self.optimization, self.tracker = run, optimization, tracker
+        path = storage.join(run.config.run_dir, "metrics.jsonl")
+        previous = storage.read_bytes(path).decode().splitlines() if resumed_from and storage.exists(path) else []
+        # records logged after the newest checkpoint are replayed by this run, so drop them
+        self.history = [r for r in map(json.loads, filter(None, previous)) if r["step"] <= resumed_from]
+        self.first_loss: float | None = None
+        self.last_loss: float | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.loss_sum, self.steps, self.started = 0.0, 0, time.perf_counter()
+
+    def add(self, loss: float) -> None:
+        self.first_loss = loss if self.first_loss is None else self.first_loss
+        self.loss_sum += loss
+        self.steps += 1
+
+    def flush(self, grad_norm: float) -> dict[str, float]:
+        """Close the interval (a collective under several workers: every rank calls it)."""
+        train = self.run.config.train
+        elapsed = time.perf_counter() - self.started
+        record = {
+            "step": self.run.step,
+            "loss": self.optimization.mean_over_ranks(self.loss_sum / max(self.steps, 1)),
+            "grad_norm": grad_norm,
+            "learning_rate": self.optimization.learning_rate(),
+            "images_per_second": self.steps * train.batch_size / max(elapsed, 1e-9),
+        }
+        self.last_loss = record["loss"]
+        if self.run.rank == 0:
+            self.history.append(record)
+            self.tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, step=self.run.step)
+            eta = (train.steps - self.run.step) * elapsed / max(self.steps, 1)
+            logger.info(
+                "step %d/%d  loss %.4f  %.0f img/s  eta %s",
+                self.run.step, train.steps, record["loss"], record["images_per_second"], _format_seconds(eta),
+            )
+            lines = "".join(json.dumps(r) + "\n" for r in self.history)
+            storage.write_bytes(storage.join(self.run.config.run_dir, "metrics.jsonl"), lines.encode())
+        self._reset()
+        return record
+
+
+def write_sample_grid(run: TrainingRun, tracker: Tracker, name: str) -> None:
+    evaluation = run.config.evaluation
+    count = evaluation.grid_size**2
+    labels = balanced_labels(count, run.dataset.num_classes)
+    images = generate(run.ema.module, run.transport, run.config.sampler, list(range(count)), labels, run.image_shape, run.device)
+    png = grid_png(images, columns=evaluation.grid_size)
+    storage.write_bytes(storage.join(run.config.run_dir, "samples", f"{name}.png"), png)
+    tracker.log_artifact_bytes(png, f"samples/{name}.png")
+
+
+TrackerFactory = Callable[[str | None], Tracker]
+
+
+def tracker_factory(config: JobConfig) -> TrackerFactory:
+    """Opens the job's MLflow run, or continues the run `run_id` of a resumed job."""
+    tracking = config.tracking
+    experiment = tracking.experiment or config.name
+    return lambda run_id: open_tracker(tracking.enabled, tracking.tracking_uri, experiment, run_id=run_id, run_name=config.name)
+
+
+def train_loop(run: TrainingRun, optimization: Optimization, checkpointer: Checkpointer, open_tracker: TrackerFactory) -> TrainSummary:
+    """Resume if a checkpoint exists, train to `train.steps`, then (rank 0) write the final grid,
+    the quality score, the consolidated model file and summary.json."""
+    started = time.perf_counter()
+    config, train, is_main = run.config, run.config.train, run.rank == 0
+    restored = checkpointer.restore(run, optimization)
+    resumed_from = run.step
+    if resumed_from:
+        logger.info("resuming %s from step %d", config.run_dir, resumed_from)
+
+    tracker: Tracker = NullTracker()
+    scorer = frechet_untrained = None
+    if is_main:
+        tracker = open_tracker((restored or {}).get("mlflow_run_id"))
+        tracker.log_params(config.to_flat_dict())
+        tracker.set_tags({"run_dir": config.run_dir, "model_parameters": str(sum(p.numel() for p in run.ema.module.parameters()))})
+        scorer = QualityScorer(run) if run.image_shape[0] == 1 else None
+        if scorer is None:
+            logger.warning("no feature extractor for %d-channel images yet; skipping the quality score", run.image_shape[0])
+        elif run.step == 0:
+            frechet_untrained = scorer.score(run.ema.module)
+            tracker.log_metrics({"frechet_distance": frechet_untrained}, step=0)
+            logger.info("untrained model: Frechet distance %.3f (%s)", frechet_untrained, scorer.extractor.identifier())
+
+    interval = IntervalLog(run, optimization, tracker, resumed_from)
+    try:
+        while run.step < train.steps:
+            run.model.train()
+            step_loss = 0.0
+            for micro_step in range(run.accumulation_steps):
+                loss, _ = run.loss(optimization.network, run.step, micro_step)
+                optimization.micro_step(loss)
+                step_loss += float(loss.detach()) / run.accumulation_steps
+            interval.add(step_loss)
+            grad_norm = optimization.finish_step()
+            with optimization.gathered_parameters():
+                run.update_averages()
+            run.step += 1
+            _inject_fault_for_tests(run)
+
+            metrics = interval.flush(grad_norm) if run.step % train.log_every == 0 or run.step == train.steps else None
+            if is_main and run.step % train.sample_every == 0:
+                write_sample_grid(run, tracker, f"step_{run.step:08d}")
+            if run.step % train.checkpoint_every == 0 or run.step == train.steps:
+                checkpointer.save(run, optimization, {"mlflow_run_id": tracker.run_id}, metrics or {"step": run.step})
+            elif metrics is not None:
+                checkpointer.report(metrics)
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+
+    summary = None
+    if is_main:
+        run.ema.module.eval()
+        write_sample_grid(run, tracker, "final")
+        frechet_trained = scorer.score(run.ema.module) if scorer is not None else None
+        if frechet_trained is not None:
+            tracker.log_metrics({"frechet_distance": frechet_trained}, step=run.step)
+            tracker.set_tags({"feature_extractor": scorer.extractor.identifier()})
+        storage.write_bytes(storage.join(config.run_dir, "model.pt"), run.model_file({"step": run.step, "job": config.name}))
+        summary = TrainSummary(
+            run_dir=config.run_dir,
+            steps=run.step,
+            resumed_from=resumed_from,
+            seconds=round(time.perf_counter() - started, 2),
+            first_loss=interval.first_loss,
+            last_loss=interval.last_loss,
+            frechet_untrained=frechet_untrained,
+            frechet_trained=frechet_trained,
+            extractor=scorer.extractor.identifier() if scorer else None,
+            mlflow_run_id=tracker.run_id,
+        )
+        storage.write_bytes(storage.join(config.run_dir, "summary.json"), summary.to_json().encode())
+        tracker.log_artifact_bytes(summary.to_json().encode(), "summary.json")
+        tracker.finish()
+    return summary
+
+
+def _inject_fault_for_tests(run: TrainingRun) -> None:
+    """Test hook: with UCGM_FAULT_AT_STEP=k and UCGM_FAULT_MARKER=<file>, the last rank raises
+    once after step k (the marker file remembers it already did), to exercise worker restarts."""
+    at_step, marker = os.environ.get("UCGM_FAULT_AT_STEP"), os.environ.get("UCGM_FAULT_MARKER")
+    if at_step is None or marker is None or run.step != int(at_step) or run.rank != run.world_size - 1:
+        return
+    if os.path.exists(marker):
+        return
+    with open(marker, "w") as handle:
+        handle.write(f"failed at step {run.step}\n")
+    raise RuntimeError(f"injected fault after step {run.step} (UCGM_FAULT_AT_STEP)")
+
+
+def _format_seconds(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}m{secs:02d}s"

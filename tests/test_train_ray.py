@@ -1,0 +1,169 @@
+"""Ray Train + DeepSpeed training on a real local Ray cluster (2 CPU workers, gloo), with
+checkpoints on local disk and on a real S3-compatible server, worker restarts and resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import io
+
+import pytest
+import torch
+
+from orchestrator import storage
+from orchestrator.config import load_job
+from orchestrator.errors import CheckpointError, ConfigError, ResourceError, StorageError
+from orchestrator.train import run_train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _job(output_dir: str, tmp: Path, *overrides: str):
+    return load_job(
+        ROOT / "jobs/digits.yaml",
+        [
+            f"output_dir={output_dir}",
+            f"tracking.tracking_uri=sqlite:///{tmp / 'mlruns' / 'mlflow.db'}",
+            "distributed.num_workers=2",
+            "distributed.cpus_per_worker=1",
+            "train.log_every=10",
+            "train.checkpoint_every=10",
+            "train.sample_every=100000",
+            "evaluation.num_samples=50",
+            *overrides,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(s3_server):
+    """One local Ray cluster for the module, started after the S3 variables are set so the
+    workers see the local object store."""
+    import ray
+
+    from orchestrator.train_ray import connect
+
+    connect(_job("unused", Path("/tmp")))
+    yield
+    ray.shutdown()
+
+
+def _losses(run_dir: str) -> list[float]:
+    lines = storage.read_bytes(f"{run_dir}/metrics.jsonl").decode().splitlines()
+    return [json.loads(line)["loss"] for line in lines if line.strip()]
+
+
+def _ema_weights(run_dir: str) -> dict[str, torch.Tensor]:
+    return torch.load(io.BytesIO(storage.read_bytes(f"{run_dir}/model.pt")), weights_only=True)["state_dict"]
+
+
+def test_two_workers_under_zero_2_and_3_reproduce_the_single_process_run(ray_cluster, tmp_path):
+    # 2 workers x 1 micro-batch and 1 process x 2 accumulated micro-batches see the same chunks
+    common = ("train.steps=40", "tracking.enabled=false")
+    local = run_train(_job(str(tmp_path / "local"), tmp_path, *common, "distributed.backend=local", "train.gradient_accumulation_steps=2"))
+    zero2 = run_train(_job(str(tmp_path / "zero2"), tmp_path, *common, "distributed.zero_stage=2"))
+    zero3 = run_train(_job(str(tmp_path / "zero3"), tmp_path, *common, "distributed.zero_stage=3"))
+
+    reference = _losses(local.run_dir)
+    assert len(reference) == 4 and reference[-1] < reference[0]
+    for run in (zero2, zero3):
+        assert _losses(run.run_dir) == pytest.approx(reference, rel=1e-5)
+        # the EMA (updated from gathered parameters under ZeRO-3) ends where the single process's does
+        for name, value in _ema_weights(local.run_dir).items():
+            torch.testing.assert_close(_ema_weights(run.run_dir)[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_checkpoints_go_to_s3_and_a_resubmitted_job_resumes_from_them(ray_cluster, s3_bucket, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    output = f"{s3_bucket}/runs"
+    first = run_train(_job(output, tmp_path, "train.steps=20", "distributed.zero_stage=2"))
+    second = run_train(_job(output, tmp_path, "train.steps=30", "distributed.zero_stage=2"))
+    assert (first.steps, second.resumed_from, second.steps) == (20, 20, 30)
+
+    folders = [name for name in storage.list_names(f"{output}/digits") if name.startswith("checkpoint_0")]
+    assert folders == ["checkpoint_00000020", "checkpoint_00000030"]  # the newest keep_checkpoints=2
+    assert storage.exists(f"{output}/digits/checkpoint_00000030/ucgm_state.pt")
+    assert len(_losses(second.run_dir)) == 3
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    assert second.mlflow_run_id == first.mlflow_run_id
+    history = client.get_metric_history(first.mlflow_run_id, "loss")
+    assert sorted(m.step for m in history) == [10, 20, 30]
+    assert client.get_run(first.mlflow_run_id).data.params["distributed.num_workers"] == "2"
+
+
+def test_a_worker_that_dies_mid_run_is_restarted_and_the_run_ends_as_if_uninterrupted(ray_cluster, tmp_path, monkeypatch):
+    marker = tmp_path / "fault-happened"
+    monkeypatch.setenv("UCGM_FAULT_AT_STEP", "15")
+    monkeypatch.setenv("UCGM_FAULT_MARKER", str(marker))
+    common = ("train.steps=30", "tracking.enabled=false")
+    faulted = run_train(_job(str(tmp_path / "faulted"), tmp_path, *common, "distributed.max_failures=1"))
+    monkeypatch.delenv("UCGM_FAULT_AT_STEP")
+    clean = run_train(_job(str(tmp_path / "clean"), tmp_path, *common, "distributed.backend=local", "train.gradient_accumulation_steps=2"))
+
+    assert marker.exists(), "the fault hook never fired"
+    assert faulted.steps == 30
+    steps = [json.loads(line)["step"] for line in (Path(faulted.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [10, 20, 30]  # nothing lost, nothing logged twice
+    assert _losses(faulted.run_dir) == pytest.approx(_losses(clean.run_dir), rel=1e-5)
+    for name, value in _ema_weights(clean.run_dir).items():
+        torch.testing.assert_close(_ema_weights(faulted.run_dir)[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [("distributed.zero_stage=4", "distributed.zero_stage"), ("distributed.num_workers=0", "distributed.num_workers")],
+)
+def test_impossible_distributed_settings_fail_before_anything_starts(override, key, tmp_path):
+    with pytest.raises(ConfigError, match=key):
+        _job(str(tmp_path), tmp_path, override)
+
+
+def test_a_batch_that_does_not_split_across_workers_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not split into 4 equal micro-batches"):
+        _job(str(tmp_path), tmp_path, "train.batch_size=126", "train.gradient_accumulation_steps=2")
+
+
+def test_unreachable_storage_fails_with_the_path_named(ray_cluster, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(StorageError, match="a-file"):
+        run_train(_job(str(blocker / "runs"), tmp_path, "tracking.enabled=false"))
+    with pytest.raises(StorageError, match="no-such-bucket"):
+        run_train(_job("s3://no-such-bucket/runs", tmp_path, "tracking.enabled=false", "train.steps=1"))
+
+
+def test_more_gpus_than_the_cluster_has_fail_instead_of_waiting(ray_cluster, tmp_path):
+    with pytest.raises(ResourceError, match="GPUs"):
+        run_train(_job(str(tmp_path), tmp_path, "distributed.gpus_per_worker=1", "tracking.enabled=false"))
+
+
+def test_incompatible_or_corrupt_checkpoints_are_refused_and_left_untouched(ray_cluster, tmp_path):
+    output = str(tmp_path / "out")
+    run_train(_job(output, tmp_path, "train.steps=10", "tracking.enabled=false"))
+    state = Path(output) / "digits" / "checkpoint_00000010" / "ucgm_state.pt"
+    before = state.read_bytes()
+
+    with pytest.raises(CheckpointError, match="different 'model' section"):
+        run_train(_job(output, tmp_path, "train.steps=20", "model.depth=2", "tracking.enabled=false"))
+    assert state.read_bytes() == before
+
+    state.write_bytes(b"truncated")
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        run_train(_job(output, tmp_path, "train.steps=20", "tracking.enabled=false"))
+    assert state.read_bytes() == b"truncated"
+
+
+def test_a_job_that_stopped_is_resumed_when_submitted_again(ray_cluster, tmp_path, monkeypatch):
+    import ray.train
+
+    monkeypatch.setenv("UCGM_FAULT_AT_STEP", "15")
+    monkeypatch.setenv("UCGM_FAULT_MARKER", str(tmp_path / "fault-happened"))
+    job = _job(str(tmp_path / "out"), tmp_path, "train.steps=20", "distributed.max_failures=0", "tracking.enabled=false")
+    with pytest.raises(ray.train.TrainingFailedError):
+        run_train(job)
+    monkeypatch.delenv("UCGM_FAULT_AT_STEP")
+    resubmitted = run_train(job)
+    assert (resubmitted.resumed_from, resubmitted.steps) == (10, 20)

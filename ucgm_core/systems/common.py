@@ -1,0 +1,270 @@
+"""Pieces shared by the seed systems: the training-objective interface, DDIM-style jumps written
+against any transport, forward-mode derivatives, warm-ups and sCM's learned loss weight.
+
+Time convention as everywhere: t = 0 data, t = 1 noise; x_t = alpha(t) z + gamma(t) x.
+
+**The two-time network.** Shortcut models and ESC predict a jump from t to an earlier time r <= t.
+They are called as `network(x_t, network_time(t), labels, r=network_time(r))`: the second time is
+the *end time* of the jump in the network's own time convention (a one-time network ignores it).
+The shortcut paper conditions on the step size d = t - r (embedding log2(1/d)); given t that is the
+same information, and it is how the ESC reference code runs shortcut models.
+
+**Jumps.** Any output F of a transport gives the pair (x_hat, z_hat) with x_t = alpha z_hat + gamma x_hat
+(`Transport.predictions`). Keeping both predictions fixed and moving to time r is the DDIM step
+
+    jump(F; x_t, t -> r) = gamma(r) x_hat + alpha(r) z_hat,
+
+which for the linear transport is the Euler / average-velocity step x_r = x_t - (t - r) F and for
+vp_cosine x-prediction is DDIM. Both predictions are affine in F, so the jump is affine in F and can
+be inverted: `output_for_jump` returns the F that lands on a given x_r (invDDIM in Multistep CMs,
+the averaged velocity of two half steps in shortcut models).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from ucgm_core.ema import TargetNetwork
+from ucgm_core.objective import ObjectiveOutput, RandomStateReplay
+from ucgm_core.transports import Transport, broadcast_time
+
+Tensor = torch.Tensor
+Network = Callable[..., Tensor]
+
+
+@runtime_checkable
+class TrainingObjective(Protocol):
+    """What the training loop needs from an objective (UnifiedObjective and every system objective).
+
+    Loop contract::
+
+        objective = build_objective(settings, transport, teacher=teacher_or_None)
+        target = objective.create_target_network(model) if objective.needs_target_network else None
+        extra = [m.to(device) for m in objective.extra_modules()]       # e.g. sCM's w(t)
+        optimizer = Optimizer([*model.parameters(), *(p for m in extra for p in m.parameters())])
+        for step in range(steps):
+            out = objective(model, target.module(model) if target else None, x, labels,
+                            generator=generator, step=step)
+            out.loss.backward(); optimizer.step(); optimizer.zero_grad()
+            if target: target.update(model)
+
+    `step` is the optimiser step count (0 first) used by warm-ups; None means fully warmed up.
+    Extra modules are trained with the network and must be checkpointed with it.
+    """
+
+    @property
+    def needs_target_network(self) -> bool: ...
+
+    def create_target_network(self, model: nn.Module) -> TargetNetwork: ...
+
+    def extra_modules(self) -> list[nn.Module]: ...
+
+    def __call__(
+        self,
+        network: Network,
+        target_network: Network | None,
+        x: Tensor,
+        labels: Tensor,
+        *,
+        generator: torch.Generator,
+        num_classes: int | None = None,
+        step: int | None = None,
+    ) -> ObjectiveOutput: ...
+
+
+# --------------------------------------------------------------------------- checks and labels
+
+
+def null_label_of(network: Network, num_classes: int | None) -> int:
+    """The unconditional label: num_classes if given, else network.num_classes."""
+    if num_classes is not None:
+        return int(num_classes)
+    value = getattr(network, "num_classes", None)
+    if value is None:
+        raise ValueError(
+            "num_classes was not given and the network has no num_classes attribute; pass num_classes= "
+            "(the null label is num_classes), e.g. when the network is wrapped by DDP"
+        )
+    return int(value)
+
+
+def require_transport(transport: Transport, allowed: tuple[str, ...], system: str) -> None:
+    if transport.name not in allowed:
+        raise ValueError(
+            f"{system} is defined for the transport(s) {allowed}, got {transport.name!r}; "
+            f"set transport: {allowed[0]} in the job"
+        )
+
+
+def check_fraction(obj: object, name: str, fix: str, *, closed_top: bool = True) -> None:
+    value = getattr(obj, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}; {fix}")
+    if value < 0.0 or value > 1.0 or (not closed_top and value == 1.0):
+        interval = "[0, 1]" if closed_top else "[0, 1)"
+        raise ValueError(f"{name} must be in {interval}, got {value}; {fix}")
+
+
+def check_nonnegative_int(obj: object, name: str, fix: str, *, minimum: int = 0) -> None:
+    value = getattr(obj, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}; {fix}")
+
+
+def check_positive(obj: object, name: str, fix: str) -> None:
+    value = getattr(obj, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}; {fix}")
+
+
+def check_kind(obj: object, expected: str) -> None:
+    if getattr(obj, "kind") != expected:
+        raise ValueError(f"kind must be {expected!r} for {type(obj).__name__}, got {obj.kind!r}; leave kind at its default")
+
+
+def check_choice(obj: object, name: str, allowed: tuple[str, ...]) -> None:
+    if getattr(obj, name) not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {getattr(obj, name)!r}")
+
+
+def check_teacher(mode: str, teacher: Network | None, system: str) -> None:
+    if mode == "distillation" and teacher is None:
+        raise ValueError(
+            f"{system} with mode 'distillation' needs a teacher network: build_objective(settings, transport, "
+            "teacher=load_model_file(path).model); or set mode: training"
+        )
+    if mode == "training" and teacher is not None:
+        raise ValueError(f"{system} got a teacher but mode is 'training'; set mode: distillation or drop the teacher")
+
+
+def row_mask(mask: Tensor, like: Tensor) -> Tensor:
+    """A boolean (B,) row mask shaped to broadcast against a (B, ...) tensor."""
+    return mask.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def warmup_ratio(step: int | None, warmup_steps: int) -> float:
+    """min(1, step / warmup_steps); 1 when step is None or warmup_steps is 0."""
+    if step is None or warmup_steps <= 0:
+        return 1.0
+    return min(1.0, max(0, step) / warmup_steps)
+
+
+# --------------------------------------------------------------------------- jumps
+
+
+def call_two_time(
+    network: Network, transport: Transport, x: Tensor, time: Tensor, labels: Tensor, end_time: Tensor
+) -> Tensor:
+    """network(x, network_time(t), labels, r=network_time(r)) with per-sample times of shape (B,)."""
+    return network(x, transport.network_time(time), labels, r=transport.network_time(end_time))
+
+
+def jump(transport: Transport, output: Tensor, x_time: Tensor, time: Tensor, end_time: Tensor) -> Tensor:
+    """x_r = gamma(r) x_hat + alpha(r) z_hat with (x_hat, z_hat) = predictions(F, x_t, t)."""
+    x_hat, z_hat = transport.predictions(output, x_time, time)
+    end = transport.coefficients(broadcast_time(end_time, x_time))
+    return end.gamma * x_hat + end.alpha * z_hat
+
+
+def ddim_step(transport: Transport, x_hat: Tensor, x_time: Tensor, time: Tensor, end_time: Tensor) -> Tensor:
+    """DDIM from a data prediction: z_hat = (x_t - gamma(t) x_hat) / alpha(t),
+    x_r = gamma(r) x_hat + alpha(r) z_hat (Multistep CMs eq. 4 in our coefficients)."""
+    now = transport.coefficients(broadcast_time(time, x_time))
+    end = transport.coefficients(broadcast_time(end_time, x_time))
+    z_hat = (x_time - now.gamma * x_hat) / now.alpha
+    return end.gamma * x_hat + end.alpha * z_hat
+
+
+def inverse_ddim(transport: Transport, x_end: Tensor, x_time: Tensor, time: Tensor, end_time: Tensor) -> Tensor:
+    """The data prediction x with ddim_step(x; x_t, t -> r) = x_r (Multistep CMs eq. 5):
+    x = (x_r - (alpha(r) / alpha(t)) x_t) / (gamma(r) - gamma(t) alpha(r) / alpha(t)). Needs r != t."""
+    now = transport.coefficients(broadcast_time(time, x_time))
+    end = transport.coefficients(broadcast_time(end_time, x_time))
+    ratio = end.alpha / now.alpha
+    return (x_end - ratio * x_time) / (end.gamma - now.gamma * ratio)
+
+
+def output_for_jump(transport: Transport, x_time: Tensor, time: Tensor, x_end: Tensor, end_time: Tensor) -> Tensor:
+    """The network output F with jump(F; x_t, t -> r) = x_r: the F whose data prediction is
+    inverse_ddim(x_r; x_t, t -> r) at x_t. For the linear transport F = (x_t - x_r) / (t - r)."""
+    x_hat = inverse_ddim(transport, x_end, x_time, time, end_time)
+    now = transport.coefficients(broadcast_time(time, x_time))
+    z_hat = (x_time - now.gamma * x_hat) / now.alpha
+    return transport.output_from_predictions(x_hat, z_hat, time)
+
+
+# --------------------------------------------------------------------------- derivatives
+
+
+def forward_derivative(
+    function: Callable[[Tensor, Tensor], Tensor],
+    point: tuple[Tensor, Tensor],
+    direction: tuple[Tensor, Tensor],
+    random_state: RandomStateReplay | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(f(x, t), d/ds f(x + s v, t + s w) at s = 0) by torch.func.jvp: the total derivative of
+    f along the direction (v, w). Dropout replays `random_state` so it draws the online masks."""
+    if random_state is None:
+        return torch.func.jvp(function, point, direction)
+    with random_state.replayed():
+        return torch.func.jvp(function, point, direction)
+
+
+def per_sample_mean_square(difference: Tensor) -> Tensor:
+    """mean over all but the batch axis of difference^2, in at least float32, shape (B,)."""
+    compute = difference.to(torch.promote_types(difference.dtype, torch.float32))
+    return compute.pow(2).flatten(1).mean(dim=1)
+
+
+def per_sample_rms(value: Tensor) -> Tensor:
+    """sqrt(mean over all but the batch axis of value^2), shaped to broadcast against value."""
+    return per_sample_mean_square(value).sqrt().to(value.dtype).reshape(-1, *([1] * (value.ndim - 1)))
+
+
+# --------------------------------------------------------------------------- learned weighting
+
+
+class AdaptiveWeight(nn.Module):
+    """sCM's learned loss weight w_phi (Lu & Song 2024, sec. 4.2; EDM2's uncertainty weighting):
+    one linear layer on fixed Fourier features of the time(s),
+
+        w(t[, r]) = b + sum_k a_k cos(k pi t) + c_k sin(k pi t) [+ same for r],   k = 1..frequencies,
+
+    zero-initialised so training starts with w = 0. Per sample the weighted loss is
+    exp(-w) * loss + w, minimised over w at w = log(loss): the weight learns the inverse of the
+    loss level at each time, balancing the times. (The paper writes exp(w)/D |.|^2 - w, the same
+    with w -> -w.) Its parameters are not part of the network: add them to the optimiser.
+    """
+
+    def __init__(self, times: int = 1, frequencies: int = 16) -> None:
+        super().__init__()
+        if times not in (1, 2) or frequencies < 1:
+            raise ValueError(f"AdaptiveWeight takes 1 or 2 times and >= 1 frequencies, got {times}, {frequencies}")
+        self.times = times
+        self.register_buffer("frequencies", math.pi * torch.arange(1, frequencies + 1, dtype=torch.float32))
+        self.linear = nn.Linear(2 * frequencies * times, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def features(self, time: Tensor) -> Tensor:
+        phase = time.to(self.frequencies.dtype)[:, None] * self.frequencies[None, :]
+        return torch.cat([torch.cos(phase), torch.sin(phase)], dim=1)
+
+    def forward(self, time: Tensor, end_time: Tensor | None = None) -> Tensor:
+        """w of shape (B,) in the layer's dtype."""
+        parts = [self.features(time.detach())]
+        if self.times == 2:
+            parts.append(self.features((time if end_time is None else end_time).detach()))
+        return self.linear(torch.cat(parts, dim=1).to(self.linear.weight.dtype)).squeeze(1)
+
+
+def adaptively_weighted(losses: Tensor, weight: AdaptiveWeight | None, time: Tensor, end_time: Tensor | None = None) -> Tensor:
+    """exp(-w) * loss + w per sample when a learned weight is given, else the loss itself."""
+    if weight is None:
+        return losses
+    log_weight = weight(time, end_time).to(losses.dtype)
+    return torch.exp(-log_weight) * losses + log_weight

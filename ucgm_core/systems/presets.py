@@ -1,0 +1,150 @@
+"""Named presets of the seed systems: transport, objective settings, sampler settings and what the
+network and the loop must provide. The objective settings are either UCGM-T `ObjectiveSettings`
+(UCGM's own recipes) or one of the system settings classes; `build_objective` takes both.
+
+| name                  | transport | objective                        | sampler (NFE)               | needs                       |
+|-----------------------|-----------|----------------------------------|-----------------------------|-----------------------------|
+| ucgm_multi_step       | linear    | UCGM-T lambda 0, enhanced 0.44   | UCGM-S 40, kappa 0.54       |                             |
+| ucgm_few_step         | linear    | UCGM-T lambda 1, frozen, zeta 2  | UCGM-S 2, rho 1             | init from ucgm_multi_step   |
+| ucgm_accelerated      | linear    | (pretrained multi-step model)    | UCGM-S 16, kappa 0.4        | a multi-step checkpoint     |
+| sct / scd             | trigflow  | sCM training / distillation      | 2 (1.1 rad re-noise)        | forward AD; scd a teacher   |
+| multistep_ct / _cd    | vp_cosine | Multistep CM, T = 8              | 8 DDIM steps                | _cd a teacher               |
+| shortcut              | relinear  | shortcut models, M = 128         | 1 (any K <= 128)            | two-time network            |
+| esc                   | linear    | ESC (MeanFlow + plug-in, ...)    | 1                           | two-time net, forward AD    |
+
+Teachers (scd, multistep_cd) are multi-step models of the same transport, e.g. trained with
+UCGM-T lambda = 0 on `trigflow` / `vp_cosine`. "forward AD" means the network must support
+torch.func.jvp (DiT: settings.attention = "math"); "two-time network" DiTSettings(two_time=True).
+
+Reference recipes are for ImageNet-scale runs; the numbers (steps, EMA, warm-ups, annealing
+horizons) are meant to be scaled down for small benchmarks by `dataclasses.replace`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Union
+
+from ucgm_core.objective import ObjectiveSettings
+from ucgm_core.sampler import SamplerSettings
+from ucgm_core.time_distributions import BetaTime
+
+from ucgm_core.systems import esc, multistep, scm, shortcut
+
+SystemSettingsLike = Union[
+    ObjectiveSettings,
+    scm.ContinuousConsistencySettings,
+    multistep.MultistepConsistencySettings,
+    shortcut.ShortcutSettings,
+    esc.ExplicitShortcutSettings,
+]
+
+# UCGM-T reference multi-step recipe (ALGORITHMS.md sec. 3; UCGM configs/training_multi_steps).
+UCGM_MULTI_STEP = ObjectiveSettings(
+    time_distribution=BetaTime(a=2.4, b=2.4, scale=1.0),
+    consistency_ratio=0.0,
+    target_network="ema",
+    target_ema_decay=0.999,
+    enhanced_ratio=0.44,
+    enhanced_style="live_vs_unconditional",
+    label_dropout=0.1,
+    loss_constant=0.0,
+    cosine_loss=True,
+    time_weighting="cosine",
+)
+
+# UCGM-T reference few-step recipe (configs/training_few_steps): start from a multi-step checkpoint.
+UCGM_FEW_STEP = ObjectiveSettings(
+    time_distribution=BetaTime(a=0.8, b=1.0, scale=1.0),
+    consistency_ratio=1.0,
+    derivative="finite_difference",
+    target_network="frozen",
+    enhanced_ratio=2.0,
+    enhanced_style="target_vs_data",
+    enhanced_range=(0.0, 0.75),
+    label_dropout=0.1,
+    loss_constant=5.0,
+    cosine_loss=False,
+    time_weighting="cosine",
+)
+
+# UCGM-S on multi-step models (configs/sampling_multi_steps): Kumaraswamy grid and extrapolation.
+UCGM_MULTI_STEP_SAMPLER = SamplerSettings(
+    steps=40, schedule=(1.2, 0.72, 1.2), boundary_gaps=(0.001, 0.002), extrapolation=0.54
+)
+# Fewer steps on a pretrained multi-step model (UCGM-S "acceleration"): UCGM's recommended grid.
+UCGM_ACCELERATED_SAMPLER = SamplerSettings(
+    steps=16, schedule=(1.17, 0.8, 1.1), boundary_gaps=(0.001, 0.002), extrapolation=0.4
+)
+# UCGM-S on few-step models (configs/training_few_steps `sample`): re-noise each step.
+UCGM_FEW_STEP_SAMPLER = SamplerSettings(steps=2, boundary_gaps=(0.001, 0.3), stochasticity=1.0)
+
+
+@dataclass(frozen=True)
+class SystemPreset:
+    """Everything a job needs to train and sample one system.
+
+    initialization: "scratch", or "multi_step_checkpoint" (start the student from a multi-step
+        model's weights; UCGM few-step), or "pretrained" (no training: sample a trained model).
+    teacher: a frozen multi-step model of the same transport is passed as `teacher=`.
+    two_time_network / forward_mode_autodiff: what the network must support (DiT: two_time=True,
+        attention="math").
+    """
+
+    name: str
+    transport: str
+    objective: SystemSettingsLike
+    sampler: SamplerSettings
+    initialization: Literal["scratch", "multi_step_checkpoint", "pretrained"] = "scratch"
+    teacher: bool = False
+    two_time_network: bool = False
+    forward_mode_autodiff: bool = False
+
+
+def _system(name: str, objective, sampler: SamplerSettings, **flags) -> SystemPreset:
+    return SystemPreset(
+        name=name,
+        transport=objective.default_transport,
+        objective=objective,
+        sampler=sampler,
+        two_time_network=objective.needs_two_time_network,
+        forward_mode_autodiff=objective.needs_forward_mode_autodiff,
+        **flags,
+    )
+
+
+def _presets() -> dict[str, SystemPreset]:
+    multistep_ct = multistep.MultistepConsistencySettings(mode="training")
+    return {
+        "ucgm_multi_step": SystemPreset("ucgm_multi_step", "linear", UCGM_MULTI_STEP, UCGM_MULTI_STEP_SAMPLER),
+        "ucgm_few_step": SystemPreset(
+            "ucgm_few_step", "linear", UCGM_FEW_STEP, UCGM_FEW_STEP_SAMPLER, initialization="multi_step_checkpoint"
+        ),
+        "ucgm_accelerated": SystemPreset(
+            "ucgm_accelerated", "linear", UCGM_MULTI_STEP, UCGM_ACCELERATED_SAMPLER, initialization="pretrained"
+        ),
+        "sct": _system("sct", scm.ContinuousConsistencySettings(mode="training"), scm.sampler_settings(2)),
+        "scd": _system(
+            "scd", scm.ContinuousConsistencySettings(mode="distillation"), scm.sampler_settings(2), teacher=True
+        ),
+        "multistep_ct": _system("multistep_ct", multistep_ct, multistep.sampler_settings(multistep_ct.student_steps)),
+        "multistep_cd": _system(
+            "multistep_cd",
+            multistep.MultistepConsistencySettings(mode="distillation"),
+            multistep.sampler_settings(multistep_ct.student_steps),
+            teacher=True,
+        ),
+        "shortcut": _system("shortcut", shortcut.ShortcutSettings(), shortcut.sampler_settings(1)),
+        "esc": _system("esc", esc.ExplicitShortcutSettings(), esc.sampler_settings(1)),
+    }
+
+
+PRESETS: dict[str, SystemPreset] = _presets()
+
+
+def preset(name: str) -> SystemPreset:
+    """The preset called `name` (see the module table)."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown system preset {name!r}; choose one of {sorted(PRESETS)}") from None
