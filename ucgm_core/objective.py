@@ -84,6 +84,7 @@ import torch.nn.functional as functional
 from torch import nn
 
 from ucgm_core.ema import TargetNetwork
+from ucgm_core.labels import null_label_of
 from ucgm_core.time_distributions import BetaTime, TimeDistribution
 from ucgm_core.transports import Transport, broadcast_time
 
@@ -440,7 +441,7 @@ class UnifiedObjective:
                 "target_network is None but enhanced_ratio > 0 (or derivative_network='target') needs one; "
                 "pass TargetNetwork.module(online) (see UnifiedObjective.create_target_network)"
             )
-        null_label = _null_label(network, num_classes)
+        null_label = null_label_of(network, num_classes)
         dropped_labels, number_dropped = drop_labels(labels, settings.label_dropout, null_label)
         time, noise = draw_time_and_noise(x, settings.time_distribution, generator, settings.time_epsilon)
         x_time = self.transport.interpolate(x, noise, time)
@@ -548,15 +549,3 @@ class UnifiedObjective:
             time_range=tuple(self.settings.enhanced_range),
             number_dropped=batch.number_dropped,
         )
-
-
-def _null_label(network: Network, num_classes: int | None) -> int:
-    if num_classes is not None:
-        return int(num_classes)
-    value = getattr(network, "num_classes", None)
-    if value is None:
-        raise ValueError(
-            "num_classes was not given and the network has no num_classes attribute; pass num_classes= "
-            "(the null label is num_classes), e.g. when the network is wrapped by DDP"
-        )
-    return int(value)

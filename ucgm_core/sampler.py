@@ -33,6 +33,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ucgm_core.labels import null_label_of
 from ucgm_core.transports import Transport
 
 Tensor = torch.Tensor
@@ -160,17 +161,6 @@ def count_network_evaluations(settings: SamplerSettings) -> int:
     return intervals if settings.order == 1 else 2 * intervals - 1
 
 
-def _resolve_null_label(network: Network, null_label: int | None) -> int:
-    if null_label is not None:
-        return int(null_label)
-    num_classes = getattr(network, "num_classes", None)
-    if num_classes is None:
-        raise ValueError(
-            "guidance needs the unconditional label: pass null_label=... or give the network a .num_classes attribute"
-        )
-    return int(num_classes)
-
-
 def _standard_normal(shape: torch.Size, generator: torch.Generator | Sequence[torch.Generator], device: torch.device) -> Tensor:
     """float64 N(0, I) of `shape`: from one generator, or row b from generator b (on its own device)."""
     if isinstance(generator, torch.Generator):
@@ -251,7 +241,7 @@ def sample(
     if guided:
         if labels is None:
             raise ValueError("guidance_scale != 1 needs class labels; pass labels or set guidance_scale to 1.0")
-        null_labels = torch.full_like(labels, _resolve_null_label(network, null_label))
+        null_labels = torch.full_like(labels, null_label_of(network, null_label))
         guided_labels = torch.cat([labels, null_labels])
     low, high = settings.guidance_interval
 

@@ -1,11 +1,11 @@
 """Benchmark: orchestration overhead of training through Ray Train + DeepSpeed.
 
 Measured in one run, on the same model, data, objective and batch:
-  1. a bare single-process PyTorch loop (DiT + UnifiedObjective + AdamW, nothing else);
+  1. a bare single-process PyTorch loop (DiT + UnifiedObjective + AdamW + clipping + EMA);
   2. Ray Train + DeepSpeed with 1 worker (ZeRO stage 0, and 2);
   3. Ray Train + DeepSpeed with 2 workers (ZeRO stage 2).
-For 2 and 3 the per-step time is split into forward (objective), backward (with the gradient
-reduction DeepSpeed overlaps into it) and optimiser step (with ZeRO's parameter gathering),
+The per-step time is split into forward (objective), backward (with the gradient reduction
+DeepSpeed overlaps into it) and optimiser step (clipping, EMA, and ZeRO's parameter gathering),
 timed on rank 0 inside the workers; the synchronous all-reduce of a gradient-sized buffer is
 timed separately as the communication cost.
 
@@ -33,6 +33,7 @@ from orchestrator.batches import BatchSchedule, step_generator  # noqa: E402
 from orchestrator.config import load_job  # noqa: E402
 from ucgm_core.datasets import load_dataset  # noqa: E402
 from ucgm_core.dit import build_dit  # noqa: E402
+from ucgm_core.ema import ModelEMA  # noqa: E402
 from ucgm_core.objective import UnifiedObjective  # noqa: E402
 from ucgm_core.transports import build_transport  # noqa: E402
 
@@ -51,14 +52,14 @@ def job(args, *overrides):
         "evaluation.num_samples=2",
     ]
     if args.gpu:
-        base += ["distributed.gpus_per_worker=1", "distributed.cpus_per_worker=4"]
+        base += ["distributed.gpus_per_worker=1"]
     if args.image_size:
         base += [f"data.image_size={args.image_size}"]
     return load_job(ROOT / "jobs/digits.yaml", base + list(overrides))
 
 
-def bare_loop(args) -> float:
-    """images/s of the plainest loop that trains the same thing."""
+def bare_loop(args) -> dict:
+    """Timings of the plainest loop that trains the same thing (objective, AdamW, clipping, EMA)."""
     config = job(args)
     device = torch.device("cuda" if args.gpu else "cpu")
     torch.manual_seed(0)
@@ -67,23 +68,34 @@ def bare_loop(args) -> float:
     model = build_dit(config.model, input_size=images.shape[-1], in_channels=images.shape[1], num_classes=10).to(device)
     objective = UnifiedObjective(build_transport("linear"), config.objective)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ema = ModelEMA(model, decay=0.999)
     schedule = BatchSchedule(len(images), args.batch, 0)
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=args.gpu)
-    times = []
+    sync = torch.cuda.synchronize if args.gpu else (lambda: None)
+    split = {"forward": [], "backward": [], "optimizer": [], "total": []}
     for step in range(args.steps):
-        start = time.perf_counter()
+        t0 = time.perf_counter()
         index = schedule.global_indices(step)
         with torch.autocast(**autocast):
             loss = objective(model, None, images[index].to(device), data.labels[index].to(device), generator=step_generator(0, step, 0, device)).loss
+        sync()
+        t1 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        sync()
+        t2 = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        if args.gpu:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    steady = times[len(times) // 5 :]
-    return args.batch / statistics.median(steady)
+        ema.update(model)
+        sync()
+        t3 = time.perf_counter()
+        for key, value in (("forward", t1 - t0), ("backward", t2 - t1), ("optimizer", t3 - t2), ("total", t3 - t0)):
+            split[key].append(value)
+    skip = args.steps // 5
+    result = {k: statistics.median(v[skip:]) for k, v in split.items()}
+    result["allreduce_gradient_sized"] = 0.0
+    result["images_per_second"] = args.batch / result["total"]
+    return result
 
 
 def timed_worker(loop_config):
@@ -136,7 +148,14 @@ def ray_run(args, workers: int, zero: int) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    config = job(args, f"distributed.num_workers={workers}", f"distributed.zero_stage={zero}", f"name=bench_w{workers}_z{zero}")
+    cpus = max(1, (os.cpu_count() or 1) // workers)  # the whole machine, split between the workers
+    config = job(
+        args,
+        f"distributed.num_workers={workers}",
+        f"distributed.cpus_per_worker={cpus}",
+        f"distributed.zero_stage={zero}",
+        f"name=bench_w{workers}_z{zero}",
+    )
     timings_path = os.path.abspath(os.path.join(args.output, f"{config.name}.json"))
     os.makedirs(args.output, exist_ok=True)
     resources = {"CPU": config.distributed.cpus_per_worker}
@@ -167,9 +186,10 @@ def main() -> None:
 
     from orchestrator.train_ray import connect
 
-    bare = bare_loop(args)
+    bare_timings = bare_loop(args)
+    bare = bare_timings["images_per_second"]
     connect(job(args, "distributed.num_workers=2", "distributed.cpus_per_worker=1"))
-    rows = [("bare single-process loop", bare, None)]
+    rows = [("bare single-process loop", bare, bare_timings)]
     for workers, zero in ((1, 0), (1, 2), (2, 2)):
         timings = ray_run(args, workers, zero)
         rows.append((f"Ray Train + DeepSpeed, {workers} worker(s), ZeRO-{zero}", timings["images_per_second"], timings))
@@ -180,9 +200,7 @@ def main() -> None:
     print("| setup | images/s | vs bare | forward ms | backward ms | optimizer ms | all-reduce of gradient-sized buffer ms |")
     print("|---|---|---|---|---|---|---|")
     for name, rate, timings in rows:
-        cells = ["", "", "", ""] if timings is None else [
-            f"{1000 * timings[k]:.1f}" for k in ("forward", "backward", "optimizer", "allreduce_gradient_sized")
-        ]
+        cells = [f"{1000 * timings[k]:.1f}" for k in ("forward", "backward", "optimizer", "allreduce_gradient_sized")]
         print(f"| {name} | {rate:.0f} | {rate / bare:.2f} | " + " | ".join(cells) + " |")
 
 

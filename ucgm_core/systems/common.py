@@ -79,19 +79,6 @@ class TrainingObjective(Protocol):
 # --------------------------------------------------------------------------- checks and labels
 
 
-def null_label_of(network: Network, num_classes: int | None) -> int:
-    """The unconditional label: num_classes if given, else network.num_classes."""
-    if num_classes is not None:
-        return int(num_classes)
-    value = getattr(network, "num_classes", None)
-    if value is None:
-        raise ValueError(
-            "num_classes was not given and the network has no num_classes attribute; pass num_classes= "
-            "(the null label is num_classes), e.g. when the network is wrapped by DDP"
-        )
-    return int(value)
-
-
 def require_transport(transport: Transport, allowed: tuple[str, ...], system: str) -> None:
     if transport.name not in allowed:
         raise ValueError(

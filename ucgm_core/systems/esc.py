@@ -45,6 +45,7 @@ from ucgm_core.sampler import SamplerSettings
 from ucgm_core.time_distributions import LogitNormalTime, TimeDistribution
 from ucgm_core.transports import Transport, broadcast_time
 
+from ucgm_core.labels import null_label_of
 from ucgm_core.systems.common import (
     AdaptiveWeight,
     Network,
@@ -55,7 +56,6 @@ from ucgm_core.systems.common import (
     check_nonnegative_int,
     check_positive,
     forward_derivative,
-    null_label_of,
     per_sample_mean_square,
     require_transport,
     row_mask,

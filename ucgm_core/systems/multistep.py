@@ -51,6 +51,7 @@ from ucgm_core.objective import ObjectiveOutput, RandomStateReplay, drop_labels,
 from ucgm_core.sampler import SamplerSettings
 from ucgm_core.transports import Transport, broadcast_time
 
+from ucgm_core.labels import null_label_of
 from ucgm_core.systems.common import (
     Network,
     check_choice,
@@ -60,7 +61,6 @@ from ucgm_core.systems.common import (
     check_teacher,
     ddim_step,
     inverse_ddim,
-    null_label_of,
     row_mask,
 )
 

@@ -42,6 +42,7 @@ from ucgm_core.objective import ObjectiveOutput, RandomStateReplay, drop_labels
 from ucgm_core.sampler import SamplerSettings
 from ucgm_core.transports import Transport
 
+from ucgm_core.labels import null_label_of
 from ucgm_core.systems.common import (
     Network,
     call_two_time,
@@ -50,7 +51,6 @@ from ucgm_core.systems.common import (
     check_kind,
     check_nonnegative_int,
     jump,
-    null_label_of,
     output_for_jump,
     per_sample_mean_square,
 )
