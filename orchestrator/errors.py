@@ -21,3 +21,7 @@ class StorageError(JobError):
 
 class ResourceError(JobError):
     """A job that asks for more than the cluster has."""
+
+
+class ReferenceStatisticsError(JobError):
+    """Reference statistics that are missing or were computed in another feature space."""

@@ -38,7 +38,7 @@ import torch
 
 from orchestrator import storage
 from orchestrator.config import JobConfig
-from orchestrator.errors import JobError
+from orchestrator.errors import ReferenceStatisticsError
 from orchestrator.images import grid_png
 from orchestrator.inference import (
     ExtractorSpec,
@@ -63,10 +63,6 @@ from ucgm_core.transports import build_transport
 logger = logging.getLogger(__name__)
 
 STAGES = ("sampling", "features", "statistics")
-
-
-class ReferenceError(JobError):
-    """Reference statistics that are missing or were computed in another feature space."""
 
 
 # --------------------------------------------------------------------------- reference statistics
@@ -106,7 +102,7 @@ def save_reference(path: str, statistics: FeatureStatistics, extractor_identifie
 def load_reference(path: str, extractor_identifier: str) -> FeatureStatistics:
     """Statistics written by `reference`; refused when computed with another extractor."""
     if not storage.exists(path):
-        raise ReferenceError(
+        raise ReferenceStatisticsError(
             f"no reference statistics at {path!r}; compute them once with "
             "`python -m orchestrator reference <job.yaml>` (same job spec), or set evaluation.reference"
         )
@@ -115,7 +111,7 @@ def load_reference(path: str, extractor_identifier: str) -> FeatureStatistics:
     with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
         stored = str(arrays["extractor"]) if "extractor" in arrays.files else "<not recorded>"
     if stored != extractor_identifier:
-        raise ReferenceError(
+        raise ReferenceStatisticsError(
             f"reference statistics {path!r} were computed with {stored}, but this evaluation uses {extractor_identifier}; "
             "distances across feature spaces mean nothing. Recompute them with `python -m orchestrator reference <job.yaml>`"
         )

@@ -13,7 +13,8 @@ import torch
 
 from orchestrator.cli import main
 from orchestrator.config import load_job
-from orchestrator.evaluate import ReferenceError, load_reference, run_evaluate, run_reference, save_reference
+from orchestrator.errors import ReferenceStatisticsError
+from orchestrator.evaluate import load_reference, run_evaluate, run_reference, save_reference
 from orchestrator.inference import sweep_settings
 from sampling_helpers import ray_cluster, tiny_model, write_tiny_model_file  # noqa: F401  (ray_cluster is a fixture)
 from ucgm_core.evaluation import generate, sample_statistics
@@ -74,9 +75,9 @@ def test_reference_statistics_remember_their_feature_space(tmp_path):
     save_reference(path, statistics, "extractor-A(weights_sha256=abc)", "test data")
     loaded = load_reference(path, "extractor-A(weights_sha256=abc)")
     np.testing.assert_array_equal(loaded.outer_sum, statistics.outer_sum)
-    with pytest.raises(ReferenceError, match="computed with extractor-A.*python -m orchestrator reference"):
+    with pytest.raises(ReferenceStatisticsError, match="computed with extractor-A.*python -m orchestrator reference"):
         load_reference(path, "extractor-B(weights_sha256=def)")
-    with pytest.raises(ReferenceError, match="no reference statistics"):
+    with pytest.raises(ReferenceStatisticsError, match="no reference statistics"):
         load_reference(str(tmp_path / "missing.npz"), "extractor-A(weights_sha256=abc)")
 
 
@@ -176,7 +177,7 @@ def test_evaluate_refuses_a_reference_from_another_feature_space_before_starting
     config, overrides, reference = evaluation_job
     other = str(tmp_path / "other.npz")
     save_reference(other, FeatureStatistics.from_features(np.ones((3, 256))), "some-other-extractor()", "elsewhere")
-    with pytest.raises(ReferenceError, match="some-other-extractor"):
+    with pytest.raises(ReferenceStatisticsError, match="some-other-extractor"):
         run_evaluate(load_job(SPEC, [*overrides, f"evaluation.reference={other}"]))
 
 
