@@ -88,7 +88,7 @@ class MlflowTracker:
         from mlflow.entities import Param
 
         existing = self._client.get_run(self.run_id).data.params
-        safe = {k: str(v)[:_MLFLOW_PARAM_LIMIT] for k, v in params.items() if not _SECRET_NAME.search(k)}
+        safe = {k: _redact_uri(str(v))[:_MLFLOW_PARAM_LIMIT] for k, v in params.items() if not _SECRET_NAME.search(k)}
         # a resumed run already holds its params; MLflow refuses to change a logged param
         fresh = [Param(k, v) for k, v in safe.items() if k not in existing]
         for start in range(0, len(fresh), 100):
