@@ -2,8 +2,9 @@
 
 Measured in one run, on the same model, data, objective and batch:
   1. a bare single-process PyTorch loop (DiT + UnifiedObjective + AdamW + clipping + EMA);
-  2. Ray Train + DeepSpeed with 1 worker (ZeRO stage 0, and 2);
-  3. Ray Train + DeepSpeed with 2 workers (ZeRO stage 2).
+  2. the same DeepSpeed engine in the benchmark's own process, without Ray (ZeRO stage 0);
+  3. Ray Train + DeepSpeed with 1 worker (ZeRO stage 0, and 2);
+  4. Ray Train + DeepSpeed with 2 workers (ZeRO stage 2).
 The per-step time is split into forward (objective), backward (with the gradient reduction
 DeepSpeed overlaps into it) and optimiser step (clipping, EMA, and ZeRO's parameter gathering),
 timed on rank 0 inside the workers; the synchronous all-reduce of a gradient-sized buffer is
@@ -98,19 +99,12 @@ def bare_loop(args) -> dict:
     return result
 
 
-def timed_worker(loop_config):
-    """A Ray Train worker that runs the real TrainingRun + DeepSpeedOptimization with timers."""
-    import ray.train
-    import ray.train.torch
-
-    from orchestrator.config import validate_job
+def timed_steps(config, device, rank: int, world_size: int) -> dict:
+    """The real TrainingRun + DeepSpeedOptimization, with timers around each part of a step."""
     from orchestrator.train_ray import DeepSpeedOptimization
     from orchestrator.training import TrainingRun
 
-    config = validate_job(loop_config["job"])
-    context = ray.train.get_context()
-    device = ray.train.torch.get_device()
-    run = TrainingRun(config, device=device, rank=context.get_world_rank(), world_size=context.get_world_size())
+    run = TrainingRun(config, device=device, rank=rank, world_size=world_size)
     optimization = DeepSpeedOptimization(run)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     split = {"forward": [], "backward": [], "optimizer": [], "total": []}
@@ -140,8 +134,40 @@ def timed_worker(loop_config):
     result = {k: statistics.median(v[skip:]) for k, v in split.items()}
     result["allreduce_gradient_sized"] = statistics.median(communication[5:])
     result["images_per_second"] = config.train.batch_size / result["total"]
+    return result
+
+
+def timed_worker(loop_config):
+    """A Ray Train worker running `timed_steps`."""
+    import ray.train
+    import ray.train.torch
+
+    from orchestrator.config import validate_job
+
+    context = ray.train.get_context()
+    result = timed_steps(
+        validate_job(loop_config["job"]), ray.train.torch.get_device(), context.get_world_rank(), context.get_world_size()
+    )
     if context.get_world_rank() == 0:  # Train V2 keeps metrics only with checkpoints: use a file
         Path(loop_config["timings_path"]).write_text(json.dumps(result))
+
+
+def deepspeed_without_ray(args) -> dict:
+    """The same engine in this process, on a one-process gloo group: separates DeepSpeed's
+    cost from Ray's."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if args.gpu else "cpu")
+    torch.distributed.init_process_group("nccl" if args.gpu else "gloo", rank=0, world_size=1)
+    device = torch.device("cuda" if args.gpu else "cpu")
+    try:
+        return timed_steps(job(args, "distributed.zero_stage=0"), device, 0, 1)
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def ray_run(args, workers: int, zero: int) -> dict:
@@ -190,6 +216,8 @@ def main() -> None:
     bare = bare_timings["images_per_second"]
     connect(job(args, "distributed.num_workers=2", "distributed.cpus_per_worker=1"))
     rows = [("bare single-process loop", bare, bare_timings)]
+    engine_only = deepspeed_without_ray(args)
+    rows.append(("DeepSpeed engine, ZeRO-0, this process, no Ray", engine_only["images_per_second"], engine_only))
     for workers, zero in ((1, 0), (1, 2), (2, 2)):
         timings = ray_run(args, workers, zero)
         rows.append((f"Ray Train + DeepSpeed, {workers} worker(s), ZeRO-{zero}", timings["images_per_second"], timings))
