@@ -13,9 +13,9 @@ from typing import Any
 import torch
 
 from orchestrator import checkpoints, storage
-from orchestrator.errors import CheckpointError, ResourceError
+from orchestrator.errors import ResourceError
 from orchestrator.config import JobConfig
-from orchestrator.training import TrainingRun, TrainSummary, compatibility_problem, tracker_factory, train_loop
+from orchestrator.training import TrainingRun, TrainSummary, tracker_factory, train_loop
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -78,10 +78,7 @@ class RunFolderCheckpointer:
         latest = checkpoints.latest_checkpoint(self.config.run_dir)
         if latest is None:
             return None
-        state = checkpoints.load_checkpoint(latest)
-        problem = compatibility_problem(state.get("config", {}), self.config)
-        if problem:
-            raise CheckpointError(f"cannot resume from checkpoint {latest}: {problem}")
+        state = checkpoints.load_resumable_state(latest, self.config)
         run.model.load_state_dict(state["model"])
         run.load_averages_state(state)
         optimization.optimizer.load_state_dict(state["optimizer"])

@@ -18,7 +18,6 @@ DeepSpeed shard plus `ucgm_state.pt` (EMA, target network, step, MLflow run id, 
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import os
 import re
@@ -28,10 +27,11 @@ from typing import Any
 import torch
 
 from orchestrator import cluster, storage
-from orchestrator.errors import CheckpointError, ResourceError
+from orchestrator.checkpoints import load_resumable_state
+from orchestrator.errors import ResourceError
 from orchestrator.config import JobConfig, validate_job
 from orchestrator.train_local import build_optimizer, warmup_schedule
-from orchestrator.training import TrainingRun, TrainSummary, compatibility_problem, tracker_factory, train_loop
+from orchestrator.training import TrainingRun, TrainSummary, tracker_factory, train_loop
 
 logger = logging.getLogger(__name__)
 
@@ -135,10 +135,7 @@ class RayCheckpointer:
         if checkpoint is None:
             return None
         with checkpoint.as_directory() as folder:
-            state = torch.load(os.path.join(folder, UCGM_STATE_FILE), map_location="cpu", weights_only=True)
-            problem = compatibility_problem(state.get("config", {}), self.config)
-            if problem:
-                raise CheckpointError(f"cannot resume from {checkpoint.path}: {problem}")
+            state = load_resumable_state(folder, self.config, UCGM_STATE_FILE)
             _, client_state = optimization.engine.load_checkpoint(folder, tag=DEEPSPEED_TAG)
         run.load_averages_state(state)
         run.step = int(client_state["step"])
@@ -218,18 +215,7 @@ def check_resumable(config: JobConfig) -> None:
     newest = newest_checkpoint(config.run_dir)
     if newest is None:
         return
-    _, folder = newest
-    path = storage.join(folder, UCGM_STATE_FILE)
-    try:
-        state = torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise CheckpointError(
-            f"checkpoint {folder} cannot be read ({type(error).__name__}: {error}); move it away to resume from an "
-            "older one, or start a fresh run with another name= or output_dir="
-        ) from None
-    problem = compatibility_problem(state.get("config", {}), config)
-    if problem:
-        raise CheckpointError(f"cannot resume from checkpoint {folder}: {problem}")
+    load_resumable_state(newest[1], config, UCGM_STATE_FILE)
 
 
 def connect(config: JobConfig) -> None:

@@ -151,19 +151,6 @@ class Checkpointer(Protocol):
     def report(self, metrics: dict[str, float]) -> None: ...
 
 
-def compatibility_problem(saved_config: dict[str, Any], config: JobConfig) -> str | None:
-    """Why a checkpoint written under `saved_config` cannot be resumed by `config`, or None."""
-    current = config.model_dump(mode="json")
-    for section in ("model", "data", "transport"):
-        if saved_config.get(section) != current[section]:
-            return (
-                f"it was written by a job with a different {section!r} section ({saved_config.get(section)!r}; "
-                f"this job has {current[section]!r}). Nothing was changed: pick another name= or output_dir= "
-                "for a new run, or restore the old settings to resume."
-            )
-    return None
-
-
 class QualityScorer:
     """Frechet distance of samples to the training data in a fixed classifier's feature space."""
 
