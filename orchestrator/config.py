@@ -15,17 +15,35 @@ import difflib
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from orchestrator.errors import ConfigError
 from ucgm_core.dit import DiTSettings
 from ucgm_core.objective import ObjectiveSettings
 from ucgm_core.sampler import SamplerSettings
+from ucgm_core.systems import SYSTEM_SETTINGS, needs_teacher, transport_problem
 from ucgm_core.time_distributions import TIME_DISTRIBUTIONS
 from ucgm_core.transports import TRANSPORTS
+
+
+# `objective:` holds UCGM-T's settings or one of the seed systems', chosen by `kind:` (ucgm default).
+OBJECTIVE_KINDS: dict[str, type] = {"ucgm": ObjectiveSettings, **SYSTEM_SETTINGS}
+
+
+def _default_objective_kind(value: Any) -> Any:
+    if isinstance(value, dict) and "kind" not in value:
+        return {"kind": "ucgm", **value}
+    return value
+
+
+ObjectiveChoice = Annotated[
+    Union[tuple(OBJECTIVE_KINDS.values())],  # type: ignore[misc]
+    Field(discriminator="kind"),
+    BeforeValidator(_default_objective_kind),
+]
 
 
 class _Section(BaseModel):
@@ -33,10 +51,18 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    name: Literal["digits", "fashion_mnist", "mnist5k", "image_folder", "parquet"] = "digits"
-    path: str | None = Field(None, description="image_folder / parquet location, local or s3://")
+    name: Literal["digits", "fashion_mnist", "mnist5k", "image_folder", "parquet", "latents"] = "digits"
+    path: str | None = Field(None, description="image_folder / parquet / latents location, local or s3://")
     image_size: int | None = Field(None, gt=0, description="resize to this size (image_folder needs it)")
     limit: int | None = Field(None, gt=0, description="use only the first N images")
+
+    @model_validator(mode="after")
+    def _latents_have_a_folder_and_no_size(self) -> DataConfig:
+        if self.name == "latents" and self.path is None:
+            raise ValueError("name latents needs data.path: the folder `python -m orchestrator encode` wrote (its encode.out)")
+        if self.name == "latents" and self.image_size is not None:
+            raise ValueError("name latents takes no data.image_size: latents keep the size they were encoded at; remove it")
+        return self
 
 
 class TrainConfig(_Section):
@@ -49,9 +75,14 @@ class TrainConfig(_Section):
     gradient_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 disables")
     warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up")
     ema_decay: float = Field(0.999, ge=0, le=1, description="EMA of the weights used for sampling")
+    initialize_from: str | None = Field(
+        None, description="model file (local or s3://) whose weights start the network, e.g. few-step training from a multi-step model"
+    )
+    teacher: str | None = Field(None, description="model file (local or s3://) of the frozen teacher; distillation objectives only")
     log_every: int = Field(50, gt=0)
     checkpoint_every: int = Field(500, gt=0)
     sample_every: int = Field(500, gt=0, description="write a sample grid every N steps")
+    score_every: int = Field(0, ge=0, description="quick quality score (evaluation.score_samples samples) every N steps, reported for early stopping; 0: off")
     gradient_accumulation_steps: int = Field(1, gt=0, description="micro-batches per optimiser step on each worker")
     keep_checkpoints: int = Field(2, gt=0)
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
@@ -65,7 +96,9 @@ class DistributedConfig(_Section):
     gpus_per_worker: float = Field(0.0, ge=0, description="0: CPU workers (gloo); >0: GPU workers (NCCL)")
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage; 0 = plain data parallel")
     max_failures: int = Field(2, ge=0, description="worker-group restarts before the job fails")
-    ray_address: str | None = Field(None, description="None: start a local cluster in-process; 'auto' or ray://host:port")
+    ray_address: str | None = Field(
+        None, description="None: the submitted job's cluster (RAY_ADDRESS), else a local one started in-process; 'auto', host:port or ray://host:port"
+    )
 
 
 class GenerationConfig(_Section):
@@ -79,6 +112,7 @@ class GenerationConfig(_Section):
 
 class EvaluationConfig(_Section):
     num_samples: int = Field(1000, gt=1, description="samples scored at the end of training and by `evaluate`")
+    score_samples: int = Field(200, gt=1, description="samples of the quick score every train.score_every steps")
     batch_size: int = Field(250, gt=0, description="samples per sampler call (one Ray Data batch in `evaluate`)")
     extractor: Literal["mnist-cnn-penultimate", "inception-v3-tf-pool3"] = Field(
         "mnist-cnn-penultimate", description="feature space; only inception-v3-tf-pool3 gives FID"
@@ -115,10 +149,27 @@ class EvaluationConfig(_Section):
         return sweep
 
 
+class EncodeConfig(_Section):
+    """`python -m orchestrator encode`: VAE latents of the job's `data` images, in shards; a shard
+    is the unit of resume. Train on them with data.name=latents, data.path=<out>."""
+
+    vae: str | None = Field(None, description="diffusers AutoencoderKL folder (save_pretrained), local or s3:// (CLI: vae=)")
+    vae_sha256: str | None = Field(None, description="refuse VAE weights with another sha256")
+    out: str | None = Field(None, description="folder, local or s3://; default <run_dir>/latents (CLI: out=)")
+    split: Literal["train", "test"] = "train"
+    latent: Literal["mean", "sample"] = Field("mean", description="posterior mean, or one draw per image seeded by job.seed + index")
+    shard_size: int = Field(10000, gt=0, description="images per shard; finished shards are skipped on re-runs")
+    batch_size: int = Field(64, gt=0, description="images per VAE call")
+    num_actors: int = Field(1, gt=0, description="VAE copies (Ray Data actors)")
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float | None = Field(None, ge=0, description="None: 1 when the cluster has GPUs, else 0")
+
+
 class TrackingConfig(_Section):
     enabled: bool = True
     tracking_uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI, else ./mlruns")
     experiment: str | None = Field(None, description="default: the job name")
+    parent_run_id: str | None = Field(None, description="MLflow run this job's run is nested under (`tune` sets it to the sweep's run)")
 
 
 class JobConfig(_Section):
@@ -128,12 +179,13 @@ class JobConfig(_Section):
     data: DataConfig = DataConfig()
     model: DiTSettings = DiTSettings()
     transport: str = "linear"
-    objective: ObjectiveSettings = ObjectiveSettings()
+    objective: ObjectiveChoice = ObjectiveSettings()
     train: TrainConfig = TrainConfig()
     distributed: DistributedConfig = DistributedConfig()
     sampler: SamplerSettings = SamplerSettings()
     evaluation: EvaluationConfig = EvaluationConfig()
     tracking: TrackingConfig = TrackingConfig()
+    encode: EncodeConfig = EncodeConfig()
 
     @field_validator("transport")
     @classmethod
@@ -145,11 +197,35 @@ class JobConfig(_Section):
         return name
 
     @model_validator(mode="after")
+    def _objective_fits_the_job(self) -> JobConfig:
+        objective, kind = self.objective, self.objective.kind
+        problem = transport_problem(objective, self.transport)
+        if problem:
+            raise ValueError(f"transport: {problem}")
+        if objective.needs_two_time_network and not self.model.two_time:
+            raise ValueError(f"model.two_time: objective kind {kind!r} trains a network of two times (t, r); set model.two_time: true")
+        if objective.needs_forward_mode_autodiff and self.distributed.backend == "ray" and self.distributed.zero_stage == 3:
+            # ZeRO-3 wraps module outputs in autograd Functions without jvp rules (DeepSpeed 0.19)
+            raise ValueError(
+                f"distributed.zero_stage: objective kind {kind!r} takes forward-mode derivatives (JVP), which DeepSpeed ZeRO-3 "
+                "does not support; use zero_stage: 2 (shards optimiser state and gradients)"
+                + (" or objective.derivative: finite_difference" if kind == "ucgm" else "")
+            )
+        if needs_teacher(objective) and self.train.teacher is None:
+            raise ValueError(
+                f"train.teacher: objective kind {kind!r} with mode 'distillation' needs a teacher model file "
+                "(a multi-step model of the same transport); set train.teacher: <path or s3:// URI>, or objective.mode: training"
+            )
+        if not needs_teacher(objective) and self.train.teacher is not None:
+            raise ValueError("train.teacher: only distillation objectives (objective.mode: distillation) use a teacher; remove it")
+        return self
+
+    @model_validator(mode="after")
     def _batch_splits_into_micro_batches(self) -> JobConfig:
         chunks = self.train.gradient_accumulation_steps * (self.distributed.num_workers if self.distributed.backend == "ray" else 1)
         if self.train.batch_size % chunks:
             raise ValueError(
-                f"train.batch_size={self.train.batch_size} does not split into {chunks} equal micro-batches "
+                f"train.batch_size: {self.train.batch_size} does not split into {chunks} equal micro-batches "
                 "(distributed.num_workers x train.gradient_accumulation_steps); choose a multiple of that"
             )
         return self
@@ -191,12 +267,14 @@ def validate_job(raw: dict[str, Any]) -> JobConfig:
     try:
         return JobConfig.model_validate(raw)
     except ValidationError as error:
-        problems = list(dict.fromkeys(_describe(e) for e in _errors_of_chosen_kind(error.errors(), raw)))
+        errors = _errors_of_chosen_kind([_without_objective_tag(e) for e in error.errors()], raw)
+        problems = list(dict.fromkeys(_describe(e) for e in errors))
         raise ConfigError("invalid job config:\n  " + "\n  ".join(problems)) from None
 
 
 # Sections that hold one of several settings classes choose it with `kind:` (time distributions).
 _KIND_OF_CLASS = {cls.__name__: kind for kind, cls in TIME_DISTRIBUTIONS.items()}
+_UNION_MEMBERS = {cls.__name__: cls for cls in [*TIME_DISTRIBUTIONS.values(), *OBJECTIVE_KINDS.values()]}
 
 
 def _errors_of_chosen_kind(errors: list[dict[str, Any]], raw: dict[str, Any]) -> list[dict[str, Any]]:
@@ -219,6 +297,23 @@ def _errors_of_chosen_kind(errors: list[dict[str, Any]], raw: dict[str, Any]) ->
             message = f"unknown kind {chosen!r}; {hint}choose one of {sorted(TIME_DISTRIBUTIONS)}"
             kept.append({"loc": (*location[:branch], "kind"), "type": "value_error", "msg": message})
     return kept
+
+
+def _without_objective_tag(error: dict[str, Any]) -> dict[str, Any]:
+    """`objective` is a union tagged by `kind`; pydantic puts the tag into the error location
+    (objective.scm.mode), which is not a config key. An unknown tag becomes one readable error."""
+    location = error["loc"]
+    if location[:1] != ("objective",):
+        return error
+    if error["type"] == "union_tag_invalid":
+        given = error["ctx"]["tag"]
+        close = difflib.get_close_matches(str(given), list(OBJECTIVE_KINDS), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        message = f"unknown kind {given!r}; {hint}choose one of {list(OBJECTIVE_KINDS)} (ucgm is UCGM-T, the default)"
+        return {"loc": ("objective", "kind"), "type": "value_error", "msg": message}
+    if len(location) > 1 and location[1] in OBJECTIVE_KINDS:
+        return {**error, "loc": location[:1] + location[2:], "member": OBJECTIVE_KINDS[location[1]].__name__}
+    return error
 
 
 def _lookup(tree: Any, location: tuple[Any, ...]) -> Any:
@@ -247,14 +342,15 @@ def _describe(error: dict[str, Any]) -> str:
     key = ".".join(location) or "<top level>"
     kind = error["type"]
     if kind in ("extra_forbidden", "unexpected_keyword_argument"):
-        member = TIME_DISTRIBUTIONS.get(_KIND_OF_CLASS.get(error.get("member", "")))
+        member = _UNION_MEMBERS.get(error.get("member", ""))
         valid = _field_names(member) if member else _valid_keys(location[:-1])
         close = difflib.get_close_matches(location[-1], valid, n=1, cutoff=0.5)
         hint = f"did you mean {'.'.join(location[:-1] + [close[0]])!r}?" if close else f"valid keys here: {', '.join(valid)}"
         return f"{key}: unknown key; {hint}"
     message = error["msg"].removeprefix("Value error, ")
     if kind == "value_error":
-        return f"{key}: {message}"
+        # the job-level checks name their keys in the message themselves
+        return f"{key}: {message}" if location else message
     return f"{key}: {message} (got {error.get('input')!r})"
 
 

@@ -8,10 +8,12 @@
 from __future__ import annotations
 
 from orchestrator.config import JobConfig
+from orchestrator.model_sources import check_model_sources
 from orchestrator.training import TrainSummary
 
 
 def run_train(config: JobConfig) -> TrainSummary:
+    check_model_sources(config)  # a missing teacher or initial model fails before any cluster work
     if config.distributed.backend == "local":
         from orchestrator.train_local import run_train_local
 

@@ -45,14 +45,15 @@ class TorchOptimization:
         self.network = run.model
         self.accumulation_steps = run.accumulation_steps
         self.gradient_clip = run.config.train.gradient_clip
-        self.optimizer = build_optimizer(run.model.parameters(), run.config)
+        self.parameters = list(run.trained.parameters())  # the network's and the objective's extras
+        self.optimizer = build_optimizer(self.parameters, run.config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_schedule(run.config.train.warmup_steps))
 
     def micro_step(self, loss: torch.Tensor) -> None:
         (loss / self.accumulation_steps).backward()
 
     def finish_step(self) -> float:
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.gradient_clip or math.inf)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.gradient_clip or math.inf)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -79,7 +80,7 @@ class RunFolderCheckpointer:
         if latest is None:
             return None
         state = checkpoints.load_resumable_state(latest, self.config)
-        run.model.load_state_dict(state["model"])
+        run.trained.load_state_dict(state["model"])
         run.load_averages_state(state)
         optimization.optimizer.load_state_dict(state["optimizer"])
         optimization.scheduler.load_state_dict(state["scheduler"])
@@ -89,7 +90,7 @@ class RunFolderCheckpointer:
     def save(self, run: TrainingRun, optimization: TorchOptimization, extra: dict[str, Any], metrics: dict[str, float]) -> None:
         state = {
             "step": run.step,
-            "model": run.model.state_dict(),
+            "model": run.trained.state_dict(),
             **run.averages_state(),
             "optimizer": optimization.optimizer.state_dict(),
             "scheduler": optimization.scheduler.state_dict(),

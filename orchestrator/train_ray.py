@@ -28,7 +28,6 @@ import torch
 
 from orchestrator import cluster, storage
 from orchestrator.checkpoints import load_resumable_state
-from orchestrator.errors import ResourceError
 from orchestrator.config import JobConfig, validate_job
 from orchestrator.train_local import build_optimizer, warmup_schedule
 from orchestrator.training import TrainingRun, TrainSummary, tracker_factory, train_loop
@@ -81,10 +80,10 @@ class DeepSpeedOptimization:
         import deepspeed
 
         self._deepspeed = deepspeed
-        optimizer = build_optimizer(run.model.parameters(), run.config)
+        optimizer = build_optimizer(run.trained.parameters(), run.config)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_schedule(run.config.train.warmup_steps))
         self.engine, _, _, _ = deepspeed.initialize(
-            model=run.model,
+            model=run.trained,  # the network and the objective's extra modules, sharded alike
             optimizer=optimizer,
             lr_scheduler=scheduler,
             config=deepspeed_config(run.config, run.world_size, run.autocast_dtype is not None),
@@ -193,6 +192,9 @@ def _absolute_locations(config: JobConfig) -> JobConfig:
     updates: dict[str, Any] = {}
     if "://" not in config.output_dir:
         updates["output_dir"] = os.path.abspath(config.output_dir)
+    sources = {k: os.path.abspath(v) for k, v in config.train.model_dump(include={"initialize_from", "teacher"}).items() if v and "://" not in v}
+    if sources:
+        updates["train"] = config.train.model_copy(update=sources)
     if config.tracking.enabled:
         uri = config.tracking.tracking_uri or default_tracking_uri()
         if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
@@ -230,18 +232,13 @@ def connect(config: JobConfig) -> None:
 def check_resources(config: JobConfig) -> None:
     """Fail with a clear message when the cluster can never place the workers, instead of
     waiting forever for resources that will not come."""
-    import ray
-
     distributed = config.distributed
-    available = ray.cluster_resources()
-    for resource, per_worker in (("CPU", distributed.cpus_per_worker), ("GPU", distributed.gpus_per_worker)):
-        needed = distributed.num_workers * per_worker
-        if needed > available.get(resource, 0):
-            raise ResourceError(
-                f"the job needs {needed:g} {resource}s (distributed.num_workers={distributed.num_workers} x "
-                f"{resource.lower()}s_per_worker={per_worker:g}) but the Ray cluster has {available.get(resource, 0):g}; "
-                "lower the worker count or the per-worker resources, or add nodes"
-            )
+    cluster.check_fits(
+        distributed.num_workers,
+        {"CPU": distributed.cpus_per_worker, "GPU": distributed.gpus_per_worker},
+        f"{distributed.num_workers} training workers (distributed.num_workers)",
+        "lower distributed.num_workers, distributed.cpus_per_worker or distributed.gpus_per_worker",
+    )
 
 
 def _forwarded_environment() -> dict[str, str]:
@@ -252,9 +249,10 @@ def _forwarded_environment() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k in names or k.startswith("UCGM_")}
 
 
-def run_train_ray(config: JobConfig) -> TrainSummary:
+def run_train_ray(config: JobConfig, callbacks: tuple[Any, ...] = ()) -> TrainSummary:
     """Train with Ray Train + DeepSpeed; re-running the same job (same output_dir and name)
-    resumes from its newest checkpoint."""
+    resumes from its newest checkpoint. `callbacks`: Ray Train callbacks, e.g. the one that
+    forwards reports to a Tune trial (orchestrator.tune)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -280,6 +278,7 @@ def run_train_ray(config: JobConfig) -> TrainSummary:
             failure_config=FailureConfig(max_failures=distributed.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
             worker_runtime_env={"env_vars": _forwarded_environment()},
+            callbacks=list(callbacks),
         ),
     )
     trainer.fit()

@@ -27,7 +27,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from orchestrator import storage
+from orchestrator import model_sources, storage
 from orchestrator.batches import BatchSchedule, step_generator
 from orchestrator.config import JobConfig
 from orchestrator.images import grid_png
@@ -39,7 +39,7 @@ from ucgm_core.evaluation import balanced_labels, dataset_statistics, generate, 
 from ucgm_core.features import DigitClassifierFeatures
 from ucgm_core.fid import frechet_distance_from_statistics
 from ucgm_core.model_file import model_file_bytes
-from ucgm_core.objective import UnifiedObjective
+from ucgm_core.systems import build_objective
 from ucgm_core.transports import build_transport
 
 logger = logging.getLogger(__name__)
@@ -69,13 +69,21 @@ class TrainingRun:
             config.data.name, path=config.data.path, image_size=config.data.image_size, limit=config.data.limit
         )
         channels, size, _ = self.dataset.image_shape
-        self.model: DiT = build_dit(config.model, input_size=size, in_channels=channels, num_classes=self.dataset.num_classes)
+        shape = {"input_size": size, "in_channels": channels, "num_classes": self.dataset.num_classes}
+        self.model: DiT = build_dit(config.model, **shape)
+        if config.train.initialize_from:
+            # before the EMA and the target network copy the weights: a frozen theta- is this start
+            model_sources.initialize_weights(self.model, config, **shape)
         self.model.to(device)
-        if config.objective.derivative == "jvp":
+        if config.objective.needs_forward_mode_autodiff:
             self.model.set_attention("math")  # forward-mode AD does not pass fused attention kernels
         self.ema = ModelEMA(self.model, decay=config.train.ema_decay, warmup=True)
         self.transport = build_transport(config.transport)
-        self.objective = UnifiedObjective(self.transport, config.objective)
+        teacher = model_sources.load_teacher(config, device, **shape) if config.train.teacher else None
+        self.objective = build_objective(config.objective, self.transport, teacher=teacher)
+        # parameters the objective trains besides the network's (sCM's learned loss weight)
+        self.extra_modules = torch.nn.ModuleList(self.objective.extra_modules()).to(device)
+        self.trained = TrainedModules(self.model, self.extra_modules)
         # theta- costs a model copy; multi-step training without an enhanced target never reads it
         self.target: TargetNetwork | None = (
             self.objective.create_target_network(self.model) if self.objective.needs_target_network else None
@@ -105,7 +113,9 @@ class TrainingRun:
         generator = step_generator(self.config.seed, step, chunk, self.device)
         target = self.target.module(self.model) if self.target is not None else None
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
-            output = self.objective(network, target, images, labels, generator=generator, num_classes=self.dataset.num_classes)
+            output = self.objective(
+                network, target, images, labels, generator=generator, num_classes=self.dataset.num_classes, step=step
+            )
         return output.loss, output.metrics
 
     def update_averages(self) -> None:
@@ -135,6 +145,18 @@ class TrainingRun:
         )
 
 
+class TrainedModules(torch.nn.Module):
+    """Everything the optimiser updates: the network, plus the objective's extra modules. It is
+    what an engine wraps (so ZeRO shards and reduces the extras too); calling it calls the network."""
+
+    def __init__(self, network: DiT, extras: torch.nn.ModuleList):
+        super().__init__()
+        self.network, self.extras = network, extras
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.network(*args, **kwargs)
+
+
 class Optimization(Protocol):
     network: Callable  # what the loss is computed through
 
@@ -161,14 +183,15 @@ class QualityScorer:
         self.extractor = DigitClassifierFeatures(framing=framing, device=run.device)
         self.reference = dataset_statistics(run.dataset.images.to(run.device), self.extractor, run.config.evaluation.batch_size)
 
-    def score(self, network: torch.nn.Module) -> float:
+    def score(self, network: torch.nn.Module, num_samples: int | None = None) -> float:
+        """On `num_samples` samples (default evaluation.num_samples)."""
         evaluation, run = self.run.config.evaluation, self.run
         statistics = sample_statistics(
             network,
             run.transport,
             run.config.sampler,
             self.extractor,
-            num_samples=evaluation.num_samples,
+            num_samples=num_samples or evaluation.num_samples,
             num_classes=run.dataset.num_classes,
             image_shape=run.image_shape,
             batch_size=evaluation.batch_size,
@@ -263,7 +286,9 @@ def tracker_factory(config: JobConfig) -> TrackerFactory:
     """Opens the job's MLflow run, or continues the run `run_id` of a resumed job."""
     tracking = config.tracking
     experiment = tracking.experiment or config.name
-    return lambda run_id: open_tracker(tracking.enabled, tracking.tracking_uri, experiment, run_id=run_id, run_name=config.name)
+    return lambda run_id: open_tracker(
+        tracking.enabled, tracking.tracking_uri, experiment, run_id=run_id, run_name=config.name, parent_run_id=tracking.parent_run_id
+    )
 
 
 def train_loop(run: TrainingRun, optimization: Optimization, checkpointer: Checkpointer, open_tracker: TrackerFactory) -> TrainSummary:
@@ -307,6 +332,9 @@ def train_loop(run: TrainingRun, optimization: Optimization, checkpointer: Check
             _inject_fault_for_tests(run)
 
             metrics = interval.flush(grad_norm) if run.step % train.log_every == 0 or run.step == train.steps else None
+            if train.score_every and run.step % train.score_every == 0:
+                # every rank reports on this step (reports are collective); rank 0's carries the score
+                metrics = {**(metrics or {"step": run.step}), **quick_score(run, scorer, tracker, started)}
             if is_main and run.step % train.sample_every == 0:
                 write_sample_grid(run, tracker, f"step_{run.step:08d}")
             if run.step % train.checkpoint_every == 0 or run.step == train.steps:
@@ -342,6 +370,18 @@ def train_loop(run: TrainingRun, optimization: Optimization, checkpointer: Check
         tracker.log_artifact_bytes(summary.to_json().encode(), "summary.json")
         tracker.finish()
     return summary
+
+
+def quick_score(run: TrainingRun, scorer: QualityScorer | None, tracker: Tracker, started: float) -> dict[str, float]:
+    """The cheap score on evaluation.score_samples samples that early stopping (a sweep's ASHA)
+    reads from the reports; empty on ranks other than 0."""
+    if scorer is None:
+        return {}
+    samples = run.config.evaluation.score_samples
+    distance = scorer.score(run.ema.module, num_samples=samples)
+    tracker.log_metrics({"frechet_distance_quick": distance}, step=run.step)
+    logger.info("step %d: Frechet distance %.3f on %d samples", run.step, distance, samples)
+    return {"frechet_distance": distance, "score_samples": samples, "train_seconds": time.perf_counter() - started}
 
 
 def _inject_fault_for_tests(run: TrainingRun) -> None:

@@ -108,8 +108,10 @@ class ObjectiveSettings:
     also kept >= time_epsilon. Use a small value (e.g. 1e-4) with transports whose den vanishes
     at t = 0 (vp_cosine), or with lambda > 0, whose target divides by sin(pi t / 2) and (for
     lambda < 1) by eps = (1 - lambda) t. 0 (the default) changes nothing.
+    kind: the job schema's name for UCGM-T among the systems (ucgm_core.systems).
     """
 
+    kind: Literal["ucgm"] = "ucgm"
     time_distribution: TimeDistribution = field(default_factory=BetaTime)
     consistency_ratio: float = 0.0
     derivative: Literal["finite_difference", "jvp"] = "finite_difference"
@@ -130,9 +132,19 @@ class ObjectiveSettings:
     time_epsilon: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.kind != "ucgm":
+            raise ValueError(f"kind must be 'ucgm' for ObjectiveSettings, got {self.kind!r}; leave kind at its default")
         self._check_choices()
         self._check_ranges()
         self._check_enhancement()
+
+    # what the training loop must provide, as for the systems' settings (ucgm_core.systems)
+    needs_two_time_network = False
+    default_transport = "linear"
+
+    @property
+    def needs_forward_mode_autodiff(self) -> bool:
+        return self.derivative == "jvp" and self.consistency_ratio > 0.0
 
     def _check_choices(self) -> None:
         choices = {

@@ -25,6 +25,7 @@ from typing import Callable, Union
 from ucgm_core.objective import ObjectiveSettings, UnifiedObjective
 from ucgm_core.transports import Transport
 
+from ucgm_core.systems import esc, scm
 from ucgm_core.systems.common import AdaptiveWeight, Network, TrainingObjective
 from ucgm_core.systems.esc import ExplicitShortcutObjective, ExplicitShortcutSettings
 from ucgm_core.systems.multistep import MultistepConsistencyObjective, MultistepConsistencySettings
@@ -49,6 +50,23 @@ _OBJECTIVES: dict[str, Callable[..., TrainingObjective]] = {
     "shortcut": ShortcutObjective,
     "esc": ExplicitShortcutObjective,
 }
+
+
+# Systems defined for particular transports only; the others take any transport.
+_TRANSPORTS: dict[str, tuple[str, ...]] = {"scm": scm.TRANSPORTS, "esc": esc.TRANSPORTS}
+
+
+def transport_problem(settings: ObjectiveSettings | SystemSettings, transport_name: str) -> str | None:
+    """Why `transport_name` does not fit the system, or None (checked before a job starts)."""
+    allowed = _TRANSPORTS.get(settings.kind)
+    if allowed is None or transport_name in allowed:
+        return None
+    return f"{settings.kind} is defined for the transport(s) {list(allowed)}, got {transport_name!r}; set transport: {allowed[0]}"
+
+
+def needs_teacher(settings: ObjectiveSettings | SystemSettings) -> bool:
+    """Distillation modes train against a frozen teacher network."""
+    return getattr(settings, "mode", "training") == "distillation"
 
 
 def build_objective(
@@ -84,5 +102,7 @@ __all__ = [
     "SystemSettings",
     "TrainingObjective",
     "build_objective",
+    "needs_teacher",
     "preset",
+    "transport_problem",
 ]
