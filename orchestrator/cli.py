@@ -9,6 +9,7 @@ import argparse
 import logging
 import sys
 
+from orchestrator.cluster import check_outputs_outlive_the_job
 from orchestrator.config import load_job
 from orchestrator.errors import ConfigError, JobError
 
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         config = load_job(args.job, args.overrides)
+        check_outputs_outlive_the_job(config, args.verb)  # only inside `ray job submit`
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------- evaluate, reference, generate
+# --------------------------------------------------------------------------- evaluate, reference, generate, encode
 
 SAMPLING_VERBS = {
     "evaluate": (
@@ -77,6 +79,7 @@ SAMPLING_VERBS = {
     ),
     "reference": ("reference feature statistics of the job's dataset split, stored next to the data", "jobs/digits.yaml split=train"),
     "generate": ("many images from a model file, PNG/parquet shards, resumable (Ray Data)", "jobs/digits.yaml num_samples=50000 out=s3://bucket/samples"),
+    "encode": ("VAE latents of the job's images, parquet shards, resumable (Ray Data)", "jobs/imagenet256_encode.yaml vae=s3://bucket/sd-vae-ft-ema out=s3://bucket/latents"),
 }
 
 # Bare keys these verbs accept on the command line, mapped onto their config keys.
@@ -84,6 +87,7 @@ SHORTCUTS = {
     "evaluate": {"checkpoint": "evaluation.checkpoint", "num_samples": "evaluation.num_samples", "reference": "evaluation.reference"},
     "reference": {"split": "evaluation.reference_split", "out": "evaluation.reference"},
     "generate": {"checkpoint": "evaluation.checkpoint", "num_samples": "evaluation.generation.num_samples", "out": "evaluation.generation.out"},
+    "encode": {"vae": "encode.vae", "out": "encode.out"},
 }
 
 
@@ -106,6 +110,10 @@ def run_sampling_verb(verb: str, config):
         from orchestrator.evaluate import run_reference
 
         return run_reference(config)
+    if verb == "encode":
+        from orchestrator.encode import run_encode
+
+        return run_encode(config)
     from orchestrator.generate import run_generate
 
     return run_generate(config)

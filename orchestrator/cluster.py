@@ -1,5 +1,11 @@
-"""Joining a Ray cluster: the one named by `distributed.ray_address`, or a local one started
-in-process for laptops and tests."""
+"""Joining a Ray cluster: the one named by `distributed.ray_address`, the one a submitted job
+runs on, or a local one started in-process for laptops and tests; and what that cluster can hold.
+
+Inside a job started by `ray job submit` (or a KubeRay RayJob) the job server sets RAY_ADDRESS
+to its own cluster, and `ray_address: null` joins it: the same job spec runs on a laptop and as a
+submitted job. Outside one, `null` always starts a fresh in-process cluster, even when a
+`ray start` cluster runs on the machine (join that one with `ray_address: auto`).
+"""
 
 from __future__ import annotations
 
@@ -7,16 +13,127 @@ import logging
 import math
 import os
 
+from orchestrator.config import JobConfig
+from orchestrator.errors import ConfigError, ResourceError
+
+# Set by Ray's job server in the environment of every job driver it starts.
+_SUBMITTED_JOB_VARIABLE = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+logger = logging.getLogger(__name__)
+
 
 def connect(address: str | None, cpus_needed: float) -> None:
-    """Join the cluster at `address` ('auto', 'ray://host:port'), or start a local one with at
-    least `cpus_needed` logical CPUs when `address` is None. Reuses a connection already made."""
+    """Join the cluster at `address` ('auto', 'host:port', 'ray://host:port'), or the one
+    RAY_ADDRESS names (a submitted job's), or start a local one with at least `cpus_needed`
+    logical CPUs. Reuses a connection already made."""
     import ray
 
     if ray.is_initialized():
         return
+    address = address or os.environ.get("RAY_ADDRESS") or None
     if address is None:
         # logical CPUs beyond the physical ones only oversubscribe, they never block a local run
-        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(cpus_needed)), logging_level=logging.WARNING)
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(cpus_needed)), logging_level=logging.WARNING)
+        logger.info("started a local Ray cluster in this process")
     else:
-        ray.init(address=address, logging_level=logging.WARNING)
+        context = ray.init(address=address, logging_level=logging.WARNING)
+        joined = (getattr(context, "address_info", None) or {}).get("gcs_address", address)  # Ray Client contexts have none
+        logger.info("joined the Ray cluster at %s", joined)
+
+
+def in_submitted_job() -> bool:
+    """True in the driver of a job started by `ray job submit` / a RayJob."""
+    return _SUBMITTED_JOB_VARIABLE in os.environ
+
+
+def output_locations(config: JobConfig, verb: str) -> dict[str, str]:
+    """Where a verb writes, by config key: run folders, explicit outputs, the MLflow store."""
+    locations = {
+        "output_dir": config.output_dir,
+        "evaluation.generation.out": config.evaluation.generation.out,
+        "evaluation.reference": config.evaluation.reference,
+    }
+    encode = getattr(config, "encode", None)
+    if encode is not None:
+        locations["encode.out"] = encode.out
+    if config.tracking.enabled and verb in ("train", "evaluate"):
+        uri = config.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "mlruns/mlflow.db"
+        locations["tracking.tracking_uri (or MLFLOW_TRACKING_URI)"] = uri.removeprefix("sqlite:///")
+    return {key: path for key, path in locations.items() if path}
+
+
+def check_outputs_outlive_the_job(config: JobConfig, verb: str) -> None:
+    """In a submitted job, refuse relative local output locations: they would resolve inside
+    Ray's temporary copy of the working directory, which goes with the cluster's session and
+    which a re-submitted job (new code, new copy) does not see, so its checkpoints would be lost
+    and the job would start over instead of resuming. Raised before any cluster work."""
+    if not in_submitted_job():
+        return
+    relative = {key: path for key, path in output_locations(config, verb).items() if "://" not in path and not os.path.isabs(path)}
+    if relative:
+        listed = "\n  ".join(
+            f"{key}: {path!r} is relative, so in a submitted job it would land in the job's temporary copy of the working "
+            f"directory ({os.getcwd()}); pass an absolute path on storage every node sees, or s3://bucket/prefix"
+            for key, path in relative.items()
+        )
+        raise ConfigError(f"invalid job config:\n  {listed}")
+
+
+def capacity() -> tuple[dict[str, float], dict[str, float]]:
+    """(total, largest node) per resource of the cluster, as large as it can grow: when an
+    autoscaler publishes its node groups (KubeRay, the cluster launcher) their maximum sizes
+    count, so a job waits for nodes that can come rather than being refused."""
+    import ray
+
+    total = dict(ray.cluster_resources())
+    largest: dict[str, float] = {}
+    for node in ray.nodes():
+        if node.get("Alive"):
+            for resource, amount in node.get("Resources", {}).items():
+                largest[resource] = max(largest.get(resource, 0.0), amount)
+    for group_total, group_node in _autoscaler_limits():
+        for resource, amount in group_total.items():
+            total[resource] = max(total.get(resource, 0.0), amount)
+        for resource, amount in group_node.items():
+            largest[resource] = max(largest.get(resource, 0.0), amount)
+    return total, largest
+
+
+def _autoscaler_limits() -> list[tuple[dict[str, float], dict[str, float]]]:
+    """(group maximum, one node) per autoscaler node group; empty without an autoscaler. Read
+    the way Ray Train V2 reads it (a private accessor; its absence means no autoscaler)."""
+    try:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+    except Exception:  # older/newer Ray without the accessor: judge by the live nodes alone
+        return []
+    if config is None:
+        return []
+    limits = []
+    for group in config.node_group_configs:
+        node = {resource: float(amount) for resource, amount in group.resources.items()}
+        count = math.inf if group.max_count == -1 else group.max_count
+        limits.append(({resource: amount * count for resource, amount in node.items()}, node))
+    return limits
+
+
+def check_fits(count: int, per_unit: dict[str, float], what: str, fix: str) -> None:
+    """Raise ResourceError unless `count` units (workers, actors) of `per_unit` resources fit
+    the cluster: in total, and each unit on one node. `what` names a unit and how the job asks
+    for it ("8 workers (distributed.num_workers=8)"); `fix` says which keys to change."""
+    total, largest = capacity()
+    for resource, amount in per_unit.items():
+        if amount <= 0:
+            continue
+        needed = count * amount
+        if needed > total.get(resource, 0):
+            raise ResourceError(
+                f"{what} need {needed:g} {resource}s ({count} x {amount:g}) but the Ray cluster has {total.get(resource, 0):g}; "
+                f"{fix}, or add nodes"
+            )
+        if amount > largest.get(resource, 0):
+            raise ResourceError(
+                f"each of {what} needs {amount:g} {resource}s on one node but the largest node of the Ray cluster has "
+                f"{largest.get(resource, 0):g}; {fix}, or add larger nodes"
+            )

@@ -18,7 +18,7 @@ import torch
 
 from orchestrator import cluster, storage
 from orchestrator.config import JobConfig
-from orchestrator.errors import ConfigError, ResourceError
+from orchestrator.errors import ConfigError
 from ucgm_core.features import DIGIT_CLASSIFIER_NAME, FeatureExtractor, build_feature_extractor
 from ucgm_core.model_file import ModelFileContents, load_model_file
 from ucgm_core.sampler import SamplerSettings
@@ -111,9 +111,12 @@ def extractor_spec(config: JobConfig, image_shape: tuple[int, int, int]) -> Extr
     )
 
 
-def connect(config: JobConfig) -> None:
-    """Join the cluster the job names (distributed.ray_address), or start a local one."""
-    cluster.connect(config.distributed.ray_address, config.evaluation.num_actors * config.evaluation.cpus_per_actor)
+def connect(config: JobConfig, cpus_needed: float | None = None) -> None:
+    """Join the cluster the job names (distributed.ray_address), or start a local one with
+    `cpus_needed` CPUs (default: the evaluation actor pool's)."""
+    if cpus_needed is None:
+        cpus_needed = config.evaluation.num_actors * config.evaluation.cpus_per_actor
+    cluster.connect(config.distributed.ray_address, cpus_needed)
 
 
 @dataclass(frozen=True)
@@ -127,23 +130,26 @@ class ActorResources:
 
 
 def actor_resources(config: JobConfig) -> ActorResources:
-    """num_actors model copies with cpus_per_actor CPUs and gpus_per_actor GPUs each (None: one
-    GPU per actor when the cluster has GPUs); refuses what the cluster can never place."""
+    """The evaluate / generate actor pool (the evaluation section's num_actors, cpus_per_actor,
+    gpus_per_actor); refuses what the cluster can never place."""
+    evaluation = config.evaluation
+    return pool_resources(evaluation.num_actors, evaluation.cpus_per_actor, evaluation.gpus_per_actor, "evaluation")
+
+
+def pool_resources(count: int, cpus: float, gpus: float | None, section: str) -> ActorResources:
+    """`count` actors with `cpus` CPUs and `gpus` GPUs each (None: one GPU per actor when the
+    cluster has GPUs), configured in `section`; ResourceError when the cluster cannot hold them."""
     import ray
 
-    evaluation = config.evaluation
-    available = ray.cluster_resources()
-    gpus = evaluation.gpus_per_actor
     if gpus is None:
-        gpus = 1.0 if available.get("GPU", 0) > 0 else 0.0
-    for resource, per_actor in (("CPU", evaluation.cpus_per_actor), ("GPU", gpus)):
-        needed = evaluation.num_actors * per_actor
-        if needed > available.get(resource, 0):
-            raise ResourceError(
-                f"{evaluation.num_actors} actors x {per_actor:g} {resource}s need {needed:g} {resource}s, the Ray cluster has "
-                f"{available.get(resource, 0):g}; lower evaluation.num_actors or evaluation.{resource.lower()}s_per_actor"
-            )
-    return ActorResources(evaluation.num_actors, evaluation.cpus_per_actor, gpus)
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    cluster.check_fits(
+        count,
+        {"CPU": cpus, "GPU": gpus},
+        f"{count} actors ({section}.num_actors)",
+        f"lower {section}.num_actors, {section}.cpus_per_actor or {section}.gpus_per_actor",
+    )
+    return ActorResources(count, cpus, gpus)
 
 
 def actor_device(cpus: float) -> torch.device:

