@@ -1,0 +1,191 @@
+"""Benchmark: every seed system trained from its job spec (jobs/systems/) with the same network and
+budget, then scored at several network-evaluation counts (NFE) from the same noise.
+
+Each job trains through the `train` verb's single-process backend (`distributed.backend=local`, the
+loop every Ray Train worker runs), in dependency order: teachers before distillation, the UCGM
+multi-step model before the few-step model that starts from it. Then each model file is sampled
+with its own sampler at NFE 1, 2, 4, 8 (multi-step models also at 16, 32, 64, with plain Euler and
+with UCGM-S) and scored by the Frechet distance to the training data in the feature space of the
+pretrained MNIST CNN (`mnist-cnn-penultimate`; this is not FID).
+
+    .venv/bin/python tests/bench/bench_systems.py [--steps 1500] [--num-samples 2000] [--device cuda]
+
+Writes results.json and results.md under --out and prints the table (paste it into RESULTS.md and
+the README). A rerun with the same --out reuses finished trainings (the train verb resumes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from orchestrator.config import load_job  # noqa: E402
+from orchestrator.train import run_train  # noqa: E402
+from ucgm_core.datasets import load_dataset  # noqa: E402
+from ucgm_core.evaluation import dataset_statistics, sample_statistics  # noqa: E402
+from ucgm_core.features import DigitClassifierFeatures  # noqa: E402
+from ucgm_core.fid import frechet_distance_from_statistics  # noqa: E402
+from ucgm_core.model_file import load_model_file  # noqa: E402
+from ucgm_core.sampler import SamplerSettings, count_network_evaluations  # noqa: E402
+from ucgm_core.transports import build_transport  # noqa: E402
+
+FEW_STEPS = (1, 2, 4, 8)
+MANY_STEPS = (1, 2, 4, 8, 16, 32, 64)
+PLAIN = dict(schedule=(1.0, 1.0, 1.0), extrapolation=0.0, stochasticity=0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class System:
+    label: str
+    job: str  # jobs/systems/<job>.yaml
+    depends_on: tuple[str, ...] = ()  # jobs whose model files this one reads
+    multi_step: bool = False  # scored at MANY_STEPS, plain and with UCGM-S
+
+
+SYSTEMS = (
+    System("UCGM-T multi-step (lambda 0)", "digits_ucgm_multi_step", multi_step=True),
+    System("UCGM-T few-step (lambda 1, from multi-step)", "digits_ucgm_few_step", ("digits_ucgm_multi_step",)),
+    System("TrigFlow multi-step (sCD teacher)", "digits_trigflow_teacher", multi_step=True),
+    System("sCT", "digits_sct"),
+    System("sCD", "digits_scd", ("digits_trigflow_teacher",)),
+    System("VP-cosine multi-step (MCD teacher)", "digits_vp_teacher", multi_step=True),
+    System("Multistep CT (T 4)", "digits_multistep_ct"),
+    System("Multistep CD (T 4)", "digits_multistep_cd", ("digits_vp_teacher",)),
+    System("Shortcut", "digits_shortcut"),
+    System("ESC", "digits_esc"),
+)
+
+
+def train(system: System, out: Path, args) -> dict:
+    overrides = [
+        f"output_dir={out / 'runs'}",
+        "distributed.backend=local",
+        "tracking.enabled=false",
+        f"train.device={args.device}",
+        f"train.steps={args.steps}",
+        "train.sample_every=1000000",
+        "evaluation.num_samples=100",  # the train verb's own end-of-run score; the table scores anew
+    ]
+    config = load_job(ROOT / "jobs/systems" / f"{system.job}.yaml", overrides)
+    sources = {}
+    if config.train.teacher:
+        sources["train.teacher"] = str(out / "runs" / system.depends_on[0] / "model.pt")
+    if config.train.initialize_from:
+        sources["train.initialize_from"] = str(out / "runs" / system.depends_on[0] / "model.pt")
+    if sources:
+        config = load_job(ROOT / "jobs/systems" / f"{system.job}.yaml", overrides + [f"{k}={v}" for k, v in sources.items()])
+    summary_path = Path(config.run_dir) / "summary.json"
+    if summary_path.exists() and json.loads(summary_path.read_text())["steps"] >= args.steps:
+        return json.loads(summary_path.read_text())
+    started = time.perf_counter()
+    summary = run_train(config)
+    print(f"{system.job}: trained {summary.steps} steps in {time.perf_counter() - started:.0f} s", flush=True)
+    return dataclasses.asdict(summary)
+
+
+def sampler_rows(system: System, own: SamplerSettings) -> list[tuple[str, SamplerSettings]]:
+    """(row name, settings) pairs; the steps are what varies within a row."""
+    if system.multi_step:
+        return [
+            ("Euler", dataclasses.replace(own, **PLAIN)),
+            ("UCGM-S", dataclasses.replace(own, schedule=(1.17, 0.8, 1.1), extrapolation=0.4, stochasticity=0.0)),
+        ]
+    return [("own sampler", own)]
+
+
+def evaluate(system: System, out: Path, reference, extractor, args) -> list[dict]:
+    contents = load_model_file(out / "runs" / system.job / "model.pt", map_location=args.device)
+    network = contents.model.to(args.device)
+    transport = build_transport(contents.transport)
+    rows = []
+    for row, settings in sampler_rows(system, contents.sampler):
+        for steps in MANY_STEPS if system.multi_step else FEW_STEPS:
+            step_settings = dataclasses.replace(settings, steps=steps)
+            started = time.perf_counter()
+            statistics = sample_statistics(
+                network,
+                transport,
+                step_settings,
+                extractor,
+                num_samples=args.num_samples,
+                num_classes=contents.num_classes,
+                image_shape=(contents.in_channels, contents.input_size, contents.input_size),
+                batch_size=500,
+                seed=10_000,  # other seeds than training's evaluation
+                device=args.device,
+            )
+            rows.append(
+                {
+                    "system": system.label,
+                    "job": system.job,
+                    "sampler": row,
+                    "steps": steps,
+                    "nfe": count_network_evaluations(step_settings),
+                    "frechet": round(frechet_distance_from_statistics(statistics, reference), 3),
+                    "seconds": round(time.perf_counter() - started, 2),
+                    "settings": dataclasses.asdict(step_settings),
+                }
+            )
+    return rows
+
+
+def markdown(results: dict) -> str:
+    nfes = sorted({row["nfe"] for row in results["rows"]})
+    header = "| system | sampler | train s | " + " | ".join(f"NFE {n}" for n in nfes) + " |"
+    lines = [header, "|" + "---|" * 3 + "---:|" * len(nfes)]
+    for system in (s for s in SYSTEMS if all(job in results["training"] for job in (s.job, *s.depends_on))):
+        trained = results["training"][system.job]
+        chain = [system.job, *system.depends_on]
+        total = sum(results["training"][job]["seconds"] for job in chain)
+        seconds = f"{trained['seconds']:.0f}" + (f" (+{total - trained['seconds']:.0f} before)" if system.depends_on else "")
+        for row in dict.fromkeys(r["sampler"] for r in results["rows"] if r["job"] == system.job):
+            by_nfe = {r["nfe"]: r["frechet"] for r in results["rows"] if r["job"] == system.job and r["sampler"] == row}
+            cells = [f"{by_nfe[n]:.2f}" if n in by_nfe else "" for n in nfes]
+            lines.append(f"| {system.label} | {row} | {seconds} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=1500, help="training steps of every job")
+    parser.add_argument("--num-samples", type=int, default=2000, help="samples per Frechet distance")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_systems")
+    parser.add_argument("--only", nargs="*", help="job names to run (their dependencies must have run)")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    systems = [s for s in SYSTEMS if not args.only or s.job in args.only]
+
+    results_path = args.out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {"training": {}, "rows": []}
+    extractor = DigitClassifierFeatures(framing="mnist_box", device=args.device)
+    reference = dataset_statistics(load_dataset("digits").images.to(args.device), extractor)
+    results["setup"] = {
+        "steps": args.steps,
+        "num_samples": args.num_samples,
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "extractor": extractor.identifier(),
+    }
+    # scored right after each training and written each time, so an interrupted run keeps its rows
+    for system in systems:
+        results["training"][system.job] = train(system, args.out, args)
+        results["rows"] = [r for r in results["rows"] if r["job"] != system.job] + evaluate(system, args.out, reference, extractor, args)
+        results_path.write_text(json.dumps(results, indent=1))
+        table = markdown(results)
+        (args.out / "results.md").write_text(table + "\n")
+        print(table, flush=True)
+
+
+if __name__ == "__main__":
+    main()
