@@ -47,19 +47,20 @@ def in_submitted_job() -> bool:
 
 
 def output_locations(config: JobConfig, verb: str) -> dict[str, str]:
-    """Where a verb writes, by config key: run folders, explicit outputs, the MLflow store."""
-    locations = {
-        "output_dir": config.output_dir,
-        "evaluation.generation.out": config.evaluation.generation.out,
-        "evaluation.reference": config.evaluation.reference,
+    """Where a verb writes, by config key: its run folder or explicit output, the MLflow store."""
+    evaluation = config.evaluation
+    explicit = {
+        "generate": ("evaluation.generation.out", evaluation.generation.out),
+        "encode": ("encode.out", config.encode.out),
+        # without an explicit file, reference statistics go beside the data, else under output_dir
+        "reference": ("evaluation.reference", evaluation.reference) if evaluation.reference else ("data.path", config.data.path),
     }
-    encode = getattr(config, "encode", None)
-    if encode is not None:
-        locations["encode.out"] = encode.out
+    key, path = explicit.get(verb, ("output_dir", None))
+    locations = {key: path} if path else {"output_dir": config.output_dir}
     if config.tracking.enabled and verb in ("train", "evaluate"):
         uri = config.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "mlruns/mlflow.db"
         locations["tracking.tracking_uri (or MLFLOW_TRACKING_URI)"] = uri.removeprefix("sqlite:///")
-    return {key: path for key, path in locations.items() if path}
+    return locations
 
 
 def check_outputs_outlive_the_job(config: JobConfig, verb: str) -> None:

@@ -41,11 +41,13 @@ from orchestrator.config import JobConfig
 from orchestrator.errors import ReferenceStatisticsError
 from orchestrator.images import grid_png
 from orchestrator.inference import (
+    DecoderSpec,
     ExtractorSpec,
     actor_device,
     actor_resources,
     checkpoint_path,
     connect,
+    decoder_spec,
     describe_settings,
     extractor_spec,
     read_model_file,
@@ -183,6 +185,7 @@ class SampleStatistics:
         extractor: ExtractorSpec,
         grid_count: int,
         cpus: float,
+        decoder: DecoderSpec | None = None,
     ):
         import ray
 
@@ -195,6 +198,7 @@ class SampleStatistics:
         self.settings = [SamplerSettings(**s) for s in settings]
         self.extractor = extractor.build(self.device)
         self.grid_count = grid_count
+        self.decode = decoder.build(self.device) if decoder is not None else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         seeds = [int(s) for s in batch["seed"]]
@@ -204,7 +208,9 @@ class SampleStatistics:
         for number, settings in enumerate(self.settings):
             timer = StageTimer(self.device)
             with timer("sampling"):
-                images = generate(self.network, self.transport, settings, seeds, labels, self.image_shape, self.device)
+                images = generate(self.network, self.transport, settings, seeds, labels, self.image_shape, self.device, clamp=self.decode is None)
+                if self.decode is not None:
+                    images = self.decode(images)
             with timer("features"):
                 features = self.extractor(images)
             with timer("statistics"):
@@ -285,6 +291,9 @@ def run_evaluate(config: JobConfig) -> EvaluateSummary:
     settings = sweep_settings(config)
     model_bytes, contents = read_model_file(config)
     image_shape = (contents.in_channels, contents.input_size, contents.input_size)
+    decoder = decoder_spec(config, contents)  # latent-space models: samples are decoded to images first
+    if decoder is not None:
+        image_shape = decoder.image_shape(image_shape)
     spec = extractor_spec(config, image_shape)
     # the reference is checked before the cluster spends anything: build the extractor here for
     # its identifier (cheap: the weights file is read, nothing is run)
@@ -310,6 +319,7 @@ def run_evaluate(config: JobConfig) -> EvaluateSummary:
             "extractor": spec,
             "grid_count": grid_count,
             "cpus": resources.cpus,
+            "decoder": decoder,
         },
         batch_size=batch_size,
         batch_format="numpy",

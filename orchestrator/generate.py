@@ -40,7 +40,7 @@ from PIL import Image
 from orchestrator import storage
 from orchestrator.config import JobConfig
 from orchestrator.errors import JobError
-from orchestrator.inference import actor_device, actor_resources, checkpoint_path, connect, read_model_file
+from orchestrator.inference import DecoderSpec, actor_device, actor_resources, checkpoint_path, connect, decoder_spec, read_model_file
 from ucgm_core.evaluation import balanced_labels, generate
 from ucgm_core.features import quantize_to_uint8
 from ucgm_core.model_file import load_model_file
@@ -91,7 +91,16 @@ class ShardWriter:
     """A Ray Data actor: one model copy; each input row names a shard, which it generates in
     batches and writes, marker last."""
 
-    def __init__(self, model: list[Any], settings: dict[str, Any], out: str, plan: dict[str, int], formats: tuple[str, ...], cpus: float):
+    def __init__(
+        self,
+        model: list[Any],
+        settings: dict[str, Any],
+        out: str,
+        plan: dict[str, int],
+        formats: tuple[str, ...],
+        cpus: float,
+        decoder: DecoderSpec | None = None,
+    ):
         import ray
 
         self.device = actor_device(cpus)
@@ -103,6 +112,7 @@ class ShardWriter:
         self.num_classes = contents.num_classes
         self.settings = SamplerSettings(**settings)
         self.out, self.plan, self.formats = out, plan, formats
+        self.decode = decoder.build(self.device) if decoder is not None else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         counts, seconds = [], []
@@ -121,7 +131,9 @@ class ShardWriter:
             stop = min(start + plan["batch_size"], last)
             seeds = [plan["seed"] + i for i in range(start, stop)]
             labels = balanced_labels(stop - start, self.num_classes, start)
-            images = generate(self.network, self.transport, self.settings, seeds, labels, self.image_shape, self.device)
+            images = generate(self.network, self.transport, self.settings, seeds, labels, self.image_shape, self.device, clamp=self.decode is None)
+            if self.decode is not None:  # a latent-space model: its VAE makes the images
+                images = self.decode(images)
             for offset, pixels in enumerate(quantize_to_uint8(images).cpu().numpy()):
                 index = start + offset
                 data = png_bytes(pixels)
@@ -197,6 +209,8 @@ def run_generate(config: JobConfig) -> GenerateSummary:
     out = output_folder(config)
     storage.check_writable(out)
     model_bytes, contents = read_model_file(config)
+    decoder = decoder_spec(config, contents)
+    image_shape = [contents.in_channels, contents.input_size, contents.input_size]
     num_shards = math.ceil(generation.num_samples / generation.shard_size)
     parameters = {
         "checkpoint": checkpoint_path(config),
@@ -206,9 +220,11 @@ def run_generate(config: JobConfig) -> GenerateSummary:
         "num_samples": generation.num_samples,
         "shard_size": generation.shard_size,
         "formats": list(generation.formats),
-        "image_shape": [contents.in_channels, contents.input_size, contents.input_size],
+        "image_shape": list(decoder.image_shape(tuple(image_shape))) if decoder is not None else image_shape,
         "num_classes": contents.num_classes,
     }
+    if decoder is not None:
+        parameters["vae_weights_sha256"] = decoder.weights_sha256
     _check_parameters(out, parameters)
     done = finished_shards(out)
     pending = [shard for shard in range(num_shards) if shard not in done]
@@ -229,6 +245,7 @@ def run_generate(config: JobConfig) -> GenerateSummary:
                 "plan": plan,
                 "formats": tuple(generation.formats),
                 "cpus": resources.cpus,
+                "decoder": decoder,
             },
             batch_size=1,
             batch_format="numpy",

@@ -99,3 +99,10 @@ def encode(vae, images: torch.Tensor, shape: VaeShape, *, sample_seeds: list[int
         ).to(latents.device, latents.dtype)
         latents = latents + posterior.std * noise
     return ((latents - shape.shift_factor) * shape.scaling_factor).float()
+
+
+@torch.no_grad()
+def decode(vae, scaled_latents: torch.Tensor, shape: VaeShape) -> torch.Tensor:
+    """Images in [-1, 1] (N, C, H, W) from scaled latents (the inverse of `encode`'s scaling)."""
+    latents = scaled_latents / shape.scaling_factor + shape.shift_factor
+    return vae.decode(latents.to(next(vae.parameters()).dtype)).sample.float().clamp(-1.0, 1.0)

@@ -185,3 +185,55 @@ def test_encode_refuses_impossible_jobs_before_cluster_work(vae_folder, ray_clus
         run_encode(job(vae_folder, str(tmp_path / "c"), "encode.num_actors=4", "encode.cpus_per_actor=2"))
     with pytest.raises(ConfigError, match="data: name latents needs data.path"):
         load_job(SPEC, ["data.name=latents"])
+
+
+def latent_model_job(vae_folder: str, tmp_path: Path, *extra: str):
+    """Sampling jobs on a tiny DiT of 4x8x8 latents whose VAE is `vae_folder`."""
+    from sampling_helpers import write_tiny_model_file
+
+    model = write_tiny_model_file(tmp_path / "model.pt", input_size=8, in_channels=4)
+    common = [
+        "tracking.enabled=false", "seed=7", "data.image_size=32", "data.limit=40", f"encode.vae={vae_folder}",
+        f"evaluation.checkpoint={model}", "sampler.steps=2", "evaluation.batch_size=5", f"output_dir={tmp_path / 'runs'}",
+    ]
+    return load_job(SPEC, [*common, *extra])
+
+
+def test_generate_writes_the_vae_decodings_of_a_latent_models_unclamped_samples(vae_folder, ray_cluster, tmp_path):
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    from orchestrator.generate import run_generate
+    from sampling_helpers import tiny_model
+    from ucgm_core.evaluation import generate
+    from ucgm_core.features import quantize_to_uint8
+    from ucgm_core.sampler import SamplerSettings
+    from ucgm_core.transports import build_transport
+
+    out = str(tmp_path / "generated")
+    summary = run_generate(latent_model_job(vae_folder, tmp_path, f"evaluation.generation.out={out}", "evaluation.generation.num_samples=5"))
+    assert summary.images_written == 5
+    pixels = np.stack([np.asarray(Image.open(f"{out}/shard-00000/{i:08d}.png")) for i in range(5)])
+    assert pixels.shape == (5, 32, 32, 3)
+
+    latents = generate(tiny_model(input_size=8, in_channels=4), build_transport("linear"),
+                       SamplerSettings(steps=2, schedule=(1.17, 0.8, 1.1), boundary_gaps=(0.001, 0.001)),
+                       [7 + i for i in range(5)], torch.arange(5) % 10, (4, 8, 8), clamp=False)
+    assert latents.abs().max() > 1  # the samples leave [-1, 1]: clamping them would change the images
+    vae = AutoencoderKL.from_pretrained(vae_folder, low_cpu_mem_usage=False).eval()
+    with torch.no_grad():
+        decoded = vae.decode(latents / vae.config.scaling_factor).sample.clamp(-1, 1)
+    expected = quantize_to_uint8(decoded).numpy().transpose(0, 2, 3, 1)
+    assert np.abs(pixels.astype(int) - expected.astype(int)).max() <= 1
+
+
+
+@pytest.mark.slow  # Inception on CPU: about a minute
+def test_evaluate_scores_the_decoded_images_of_a_latent_model_with_inception(vae_folder, ray_cluster, tmp_path):
+    from orchestrator.evaluate import run_evaluate, run_reference
+
+    inception = ["evaluation.extractor=inception-v3-tf-pool3", f"evaluation.reference={tmp_path / 'reference.npz'}"]
+    run_reference(latent_model_job(vae_folder, tmp_path, *inception))  # of the 3x32x32 images the latents came from
+    # without the decoder this is refused: Inception reads 1- or 3-channel images, the model makes 4
+    evaluation = run_evaluate(latent_model_job(vae_folder, tmp_path, *inception, "evaluation.num_samples=10"))
+    assert evaluation.metric == "fid" and evaluation.results[0].count == 10 and np.isfinite(evaluation.results[0].distance)

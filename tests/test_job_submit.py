@@ -129,7 +129,7 @@ class JobCluster:
                 process.send_signal(signal.SIGTERM)
             except psutil.Error:
                 pass
-        _, alive = psutil.wait_procs(list(everything.values()), timeout=10)
+        _, alive = psutil.wait_procs(list(everything.values()), timeout=3)
         for process in alive:
             try:
                 process.kill()
@@ -262,3 +262,25 @@ def test_the_pip_runtime_env_installs_what_pyproject_declares():
     declared = {name(r) for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
     packages = {name(r) for r in yaml.safe_load((RUNTIME_ENV.parent / "pip.yaml").read_text())["pip"]["packages"]}
     assert packages == declared - {"ray"}  # ray comes with the cluster's image
+
+
+def test_relative_outputs_are_refused_only_inside_a_submitted_job(monkeypatch, tmp_path):
+    from orchestrator.cluster import check_outputs_outlive_the_job as check
+    from orchestrator.config import load_job
+    from orchestrator.errors import ConfigError
+
+    spec = ROOT / "jobs" / "digits.yaml"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    check(load_job(spec), "train")  # on a laptop outputs/ and ./mlruns are where they belong
+
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # what the job server sets for its drivers
+    with pytest.raises(ConfigError, match=r"output_dir: 'outputs' is relative(.|\n)*tracking.tracking_uri"):
+        check(load_job(spec), "train")
+    check(load_job(spec, [f"output_dir={tmp_path}", f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]), "evaluate")
+    check(load_job(spec, ["output_dir=s3://bucket/runs", "tracking.tracking_uri=http://mlflow:5000"]), "train")
+    # a verb writing to its own location needs only that one to be absolute
+    check(load_job(spec, ["encode.out=s3://bucket/latents"]), "encode")
+    check(load_job(spec, [f"evaluation.generation.out={tmp_path}"]), "generate")
+    with pytest.raises(ConfigError, match="evaluation.generation.out: 'samples' is relative"):
+        check(load_job(spec, ["evaluation.generation.out=samples"]), "generate")

@@ -49,8 +49,11 @@ def generate(
     labels: Tensor,
     image_shape: tuple[int, int, int],
     device: torch.device | str = "cpu",
+    *,
+    clamp: bool = True,
 ) -> Tensor:
-    """Images in [-1, 1] (clamped) for the given per-sample seeds and labels.
+    """Images in [-1, 1] (clamped) for the given per-sample seeds and labels; with clamp=False
+    the sampler's output as it is (latents, which a VAE decodes and whose range is not [-1, 1]).
 
     Sample b's noise, initial and (rho > 0) per step, comes from its own stream
     (`sample_generators`), drawn on the CPU, so the same (seed, label) gives the same image in
@@ -60,7 +63,7 @@ def generate(
     noise = _initial_noise(generators, image_shape, device)
     per_row = generators if settings.stochasticity > 0 else None
     images = sample(network, transport, noise, labels.to(device), settings, generator=per_row)
-    return images.clamp(-1, 1)
+    return images.clamp(-1, 1) if clamp else images
 
 
 class StageTimer:
