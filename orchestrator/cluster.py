@@ -19,6 +19,9 @@ from orchestrator.errors import ConfigError, ResourceError
 # Set by Ray's job server in the environment of every job driver it starts.
 _SUBMITTED_JOB_VARIABLE = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
+# "off" skips `check_fits`, for clusters that grow beyond what they publish (see there).
+_RESOURCE_CHECK_VARIABLE = "UCGM_RESOURCE_CHECK"
+
 logger = logging.getLogger(__name__)
 
 
@@ -122,7 +125,14 @@ def _autoscaler_limits() -> list[tuple[dict[str, float], dict[str, float]]]:
 def check_fits(count: int, per_unit: dict[str, float], what: str, fix: str) -> None:
     """Raise ResourceError unless `count` units (workers, actors) of `per_unit` resources fit
     the cluster: in total, and each unit on one node. `what` names a unit and how the job asks
-    for it ("8 workers (distributed.num_workers=8)"); `fix` says which keys to change."""
+    for it ("8 workers (distributed.num_workers=8)"); `fix` says which keys to change.
+
+    A cluster whose autoscaler does not publish its node groups (KubeRay's autoscaler v1) looks
+    smaller than it can grow; there UCGM_RESOURCE_CHECK=off (in the nodes' environment) leaves the
+    waiting to Ray."""
+    if os.environ.get(_RESOURCE_CHECK_VARIABLE, "on").lower() == "off":
+        logger.warning("%s=off: not checking that %s fit the cluster; Ray waits until they do", _RESOURCE_CHECK_VARIABLE, what)
+        return
     total, largest = capacity()
     for resource, amount in per_unit.items():
         if amount <= 0:
