@@ -85,8 +85,9 @@ def check_outputs_outlive_the_job(config: JobConfig, verb: str) -> None:
 
 def capacity() -> tuple[dict[str, float], dict[str, float]]:
     """(total, largest node) per resource of the cluster, as large as it can grow: when an
-    autoscaler publishes its node groups (KubeRay, the cluster launcher) their maximum sizes
-    count, so a job waits for nodes that can come rather than being refused."""
+    autoscaler publishes its node groups (Ray's autoscaler v2 does, on KubeRay or the cluster
+    launcher) their maximum sizes count, so a job waits for nodes that can come rather than
+    being refused."""
     import ray
 
     total = dict(ray.cluster_resources())
