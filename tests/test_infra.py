@@ -293,8 +293,8 @@ def test_rayjob_cleans_up_retries_and_has_a_deadline(name):
 @pytest.mark.parametrize("name", list(RAYJOBS))
 def test_rayjob_entrypoint_is_a_command_the_cli_accepts(name, monkeypatch, capsys):
     verb, spec, overrides = _entrypoint(RAYJOBS[name])
-    if verb == "tune":
-        pytest.importorskip("orchestrator.sweep_config", reason="the tune verb is not in the repository yet")
+    if verb == "tune" and not (ROOT / spec).is_file():
+        pytest.skip("the tune verb and its sweep spec are not in the repository yet")
     assert spec.startswith("jobs/") and (ROOT / spec).is_file(), f"{spec} is not a job spec of this repository (the image copies jobs/)"
     monkeypatch.chdir(ROOT)  # the image's working directory holds jobs/, as the repository root does
     try:
@@ -391,6 +391,8 @@ def _resolved(job: dict):
     """(verb, the job the entrypoint runs); for tune, the sweep's base job (what each trial runs)."""
     verb, spec, overrides = _entrypoint(job)
     if verb == "tune":
+        if not (ROOT / spec).is_file():
+            pytest.skip("the tune verb and its sweep spec are not in the repository yet")
         sweep_config = pytest.importorskip("orchestrator.sweep_config", reason="the tune verb is not in the repository yet")
         return verb, sweep_config.load_sweep(ROOT / spec, overrides).base_job
     return verb, load_job(ROOT / spec, expand_shortcuts(verb, overrides))
