@@ -27,6 +27,10 @@ def _parser() -> argparse.ArgumentParser:
         shortcuts = ", ".join(f"{k}= ({v})" for k, v in SHORTCUTS[verb].items())
         verb_parser.add_argument("overrides", nargs="*", help=f"dotted overrides; shortcuts: {shortcuts}")
         verb_parser.add_argument("--check", action="store_true", help="validate the job spec, print it resolved, and exit")
+    tune = sub.add_parser("tune", help="hyperparameter search over a job's keys (Ray Tune + Optuna + ASHA)")
+    tune.add_argument("sweep", help="YAML sweep spec, e.g. jobs/tune_digits.yaml")
+    tune.add_argument("overrides", nargs="*", help="num_trials=4, job.train.steps=100, 'space.sampler.steps={type: int, low: 2, high: 6}'")
+    tune.add_argument("--check", action="store_true", help="validate the sweep spec against its base job, print it resolved, and exit")
     return parser
 
 
@@ -39,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     args.overrides = expand_shortcuts(args.verb, [*args.overrides, *unparsed])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if args.verb == "tune":
+        return run_tune_verb(args.sweep, args.overrides, args.check)
     try:
         config = load_job(args.job, args.overrides)
         check_outputs_outlive_the_job(config, args.verb)  # only inside `ray job submit`
@@ -117,3 +123,30 @@ def run_sampling_verb(verb: str, config):
     from orchestrator.generate import run_generate
 
     return run_generate(config)
+
+
+# --------------------------------------------------------------------------- tune
+
+
+def run_tune_verb(path: str, overrides: list[str], check: bool) -> int:
+    from orchestrator.sweep_config import load_sweep
+
+    try:
+        sweep = load_sweep(path, overrides)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    from orchestrator.tune import check_sweep, run_tune
+
+    if check:
+        import yaml
+
+        print(yaml.safe_dump(check_sweep(sweep), sort_keys=False))
+        return 0
+    try:
+        summary = run_tune(sweep)
+    except (JobError, FileNotFoundError, ImportError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(summary.to_json())
+    return 0

@@ -419,8 +419,9 @@ def _table_plot(summary: EvaluateSummary, extractor_name: str) -> bytes:
 def _write_outputs(config: JobConfig, summary: EvaluateSummary, spec: ExtractorSpec, grids: list[list[bytes]]) -> None:
     """<run_dir>/evaluation/ and an MLflow run: metrics, table, plot, grids, extractor tags."""
     folder = summary.output_dir
+    tracking = config.tracking
     tracker = open_tracker(
-        config.tracking.enabled, config.tracking.tracking_uri, config.tracking.experiment or config.name, run_name=f"{config.name}-evaluate"
+        tracking.enabled, tracking.tracking_uri, tracking.experiment or config.name, run_name=f"{config.name}-evaluate", parent_run_id=tracking.parent_run_id
     )
     try:
         tracker.log_params(config.to_flat_dict())

@@ -30,6 +30,7 @@ class Tracker(Protocol):
     def log_artifact_bytes(self, data: bytes, artifact_path: str) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
+    def finish_children(self, status: str = "KILLED") -> int: ...
 
 
 class NullTracker:
@@ -52,15 +53,26 @@ class NullTracker:
     def finish(self, status: str = "FINISHED") -> None:
         pass
 
+    def finish_children(self, status: str = "KILLED") -> int:
+        return 0
+
 
 def default_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///" + str(Path("mlruns").resolve() / "mlflow.db")
 
 
 class MlflowTracker:
-    """One MLflow run. Pass `run_id` to append to an existing run (a resumed job)."""
+    """One MLflow run. Pass `run_id` to append to an existing run (a resumed job), `parent_run_id`
+    to nest a new run under another (a sweep's trial under the sweep)."""
 
-    def __init__(self, tracking_uri: str | None, experiment: str, run_id: str | None = None, run_name: str | None = None):
+    def __init__(
+        self,
+        tracking_uri: str | None,
+        experiment: str,
+        run_id: str | None = None,
+        run_name: str | None = None,
+        parent_run_id: str | None = None,
+    ):
         from mlflow.tracking import MlflowClient
 
         uri = tracking_uri or default_tracking_uri()
@@ -72,7 +84,8 @@ class MlflowTracker:
             self.run_id = self._client.get_run(run_id).info.run_id
             self._client.update_run(self.run_id, status="RUNNING")
         else:
-            self.run_id = self._client.create_run(self._experiment_id(uri, experiment), run_name=run_name).info.run_id
+            tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None  # MLflow's own nesting tag
+            self.run_id = self._client.create_run(self._experiment_id(uri, experiment), run_name=run_name, tags=tags).info.run_id
         logger.info("MLflow run %s at %s", self.run_id, _redact_uri(uri))
 
     def _experiment_id(self, uri: str, name: str) -> str:
@@ -115,13 +128,31 @@ class MlflowTracker:
     def finish(self, status: str = "FINISHED") -> None:
         self._client.set_terminated(self.run_id, status=status)
 
+    def finish_children(self, status: str = "KILLED") -> int:
+        """End the nested runs still marked RUNNING (their process was stopped, e.g. a sweep's
+        trial stopped early); returns how many."""
+        run = self._client.get_run(self.run_id)
+        children = self._client.search_runs(
+            [run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{self.run_id}' and attributes.status = 'RUNNING'"
+        )
+        for child in children:
+            self._client.set_terminated(child.info.run_id, status=status)
+        return len(children)
+
 
 def _redact_uri(uri: str) -> str:
     """user:password@host -> ***@host, so a URI with credentials never reaches a log."""
     return re.sub(r"//[^/@]*@", "//***@", uri)
 
 
-def open_tracker(enabled: bool, tracking_uri: str | None, experiment: str, run_id: str | None = None, run_name: str | None = None) -> Tracker:
+def open_tracker(
+    enabled: bool,
+    tracking_uri: str | None,
+    experiment: str,
+    run_id: str | None = None,
+    run_name: str | None = None,
+    parent_run_id: str | None = None,
+) -> Tracker:
     if not enabled:
         return NullTracker()
-    return MlflowTracker(tracking_uri, experiment, run_id=run_id, run_name=run_name)
+    return MlflowTracker(tracking_uri, experiment, run_id=run_id, run_name=run_name, parent_run_id=parent_run_id)

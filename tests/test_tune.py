@@ -1,0 +1,336 @@
+"""The `tune` verb: sweep specs checked before any trial, seeded suggestions, sampling-only
+sweeps with the real evaluator, a killed sweep that continues, and (slow) a training sweep of
+real Ray Train + DeepSpeed trials with ASHA whose best job reproduces its score."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator import storage
+from orchestrator.config import load_job
+from orchestrator.errors import ConfigError
+from orchestrator.sweep_config import load_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAINING_SPEC = ROOT / "jobs" / "tune_digits.yaml"
+SAMPLING_SPEC = ROOT / "jobs" / "tune_digits_sampling.yaml"
+
+
+def _tracking(tmp: Path) -> str:
+    return f"job.tracking.tracking_uri=sqlite:///{tmp / 'mlruns' / 'mlflow.db'}"
+
+
+# --------------------------------------------------------------------------- specs, no cluster
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("space.train.learnin_rate={type: loguniform, low: 1.0e-4, high: 1.0e-3}", "did you mean 'train.learning_rate'"),
+        ("space.sampler.stochasticity={type: uniform, low: 0.5, high: 0.5}", "empty range: low=0.5 >= high=0.5"),
+        ("space.train.learning_rate={type: loguniform, low: 0, high: 1.0e-3}", "log-uniform needs positive bounds, got low=0"),
+        ("space.objective.consistency_ratio={type: uniform, low: 0.0, high: 1.5}", "the value 1.5 is rejected by the job schema"),
+        ("space.sampler.extrapolation={type: uniform, low: 0.0, high: 0.5, when: 'sampler.step > 4'}", "did you mean 'sampler.steps'"),
+        ("space.sampler.steps={type: uniform, low: 2, high: 8}", "use type: int"),
+        ("space.sampler.steps={type: lognormal, low: 2, high: 8}", "did you mean 'loguniform'"),
+        ("num_trial=3", "did you mean 'num_trials'"),
+        ("job.train.stepz=10", "did you mean 'train.steps'"),
+    ],
+)
+def test_bad_sweep_specs_fail_before_any_trial_starts(override, message, tmp_path):
+    with pytest.raises(ConfigError, match="invalid sweep spec") as raised:
+        load_sweep(TRAINING_SPEC, [f"output_dir={tmp_path}", override])
+    assert message in str(raised.value)
+    assert not any(tmp_path.iterdir()), "nothing may be written before the spec is valid"
+
+
+def test_the_cli_refuses_a_bad_sweep_with_exit_code_2(tmp_path, capsys):
+    from orchestrator.cli import main
+
+    code = main(["tune", str(TRAINING_SPEC), f"output_dir={tmp_path}", "space.train.learning_rate={type: loguniform, low: -1, high: 1}"])
+    assert code == 2
+    assert "space.train.learning_rate: log-uniform needs positive bounds" in capsys.readouterr().err
+
+
+def test_a_sampling_sweep_searches_sampler_keys_only(tmp_path):
+    with pytest.raises(ConfigError, match=r"mode: sample\) searches sampler\.\* keys only"):
+        load_sweep(SAMPLING_SPEC, [f"output_dir={tmp_path}", "space.train.learning_rate={type: loguniform, low: 1.0e-4, high: 1.0e-3}"])
+
+
+def _suggestions(seed: int, count: int) -> list[dict]:
+    """The configs OptunaSearch suggests for the training spec's define-by-run space, each told
+    a result that depends on its values, so the model-based phase of TPE is exercised too."""
+    from orchestrator.tune import build_searcher
+
+    sweep = load_sweep(TRAINING_SPEC, [f"seed={seed}"])
+    searcher = build_searcher(sweep, storage_url=None)
+    configs = []
+    for index in range(count):
+        config = searcher.suggest(f"trial_{index}")
+        configs.append(config)
+        score = 100 * config["train.learning_rate"] + config["sampler.steps"] + config.get("sampler.extrapolation", 0.0)
+        searcher.on_trial_complete(f"trial_{index}", {"frechet_distance": score})
+    return configs
+
+
+def test_the_same_seed_suggests_the_same_configs():
+    first, again, other = _suggestions(0, 14), _suggestions(0, 14), _suggestions(1, 14)
+    assert first == again
+    assert first != other
+    assert [c["trial_number"] for c in first] == list(range(14))
+    # the conditional parameter is suggested exactly when its condition holds
+    assert all(("sampler.extrapolation" in c) == (c["sampler.steps"] > 4) for c in first)
+    assert any("sampler.extrapolation" in c for c in first) and any("sampler.extrapolation" not in c for c in first)
+
+
+def test_training_reports_a_quick_score_every_score_every_steps(tmp_path):
+    """The intermediate metric early stopping reads: every train.score_every steps, on
+    evaluation.score_samples samples (here through the single-process backend's MLflow run)."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.train import run_train
+
+    job = load_job(
+        ROOT / "jobs/digits.yaml",
+        [
+            f"output_dir={tmp_path}",
+            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "distributed.backend=local",
+            "train.steps=20",
+            "train.score_every=10",
+            "train.log_every=10",
+            "evaluation.score_samples=30",
+            "evaluation.num_samples=40",
+            "sampler.steps=4",
+        ],
+    )
+    summary = run_train(job)
+    history = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(summary.mlflow_run_id, "frechet_distance_quick")
+    assert sorted(m.step for m in history) == [10, 20]
+    assert all(m.value > 0 for m in history)
+
+
+# --------------------------------------------------------------------------- with a cluster and a model
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray cluster for the module, sized for two trials of a driver and a worker."""
+    import ray
+
+    from orchestrator import cluster
+
+    cluster.connect(None, 4)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def trained_model(tmp_path_factory):
+    """A tiny digits model (single-process backend, a few hundred steps) and its dataset's
+    reference statistics: what sampling sweeps score."""
+    from orchestrator.evaluate import run_reference
+    from orchestrator.train import run_train
+
+    folder = tmp_path_factory.mktemp("model")
+    job = load_job(
+        ROOT / "jobs/digits.yaml",
+        [
+            f"output_dir={folder}",
+            "distributed.backend=local",
+            "train.steps=200",
+            "train.warmup_steps=20",
+            "train.log_every=100",
+            "train.checkpoint_every=200",
+            "train.sample_every=100000",
+            "evaluation.num_samples=100",
+            "tracking.enabled=false",
+        ],
+    )
+    run_train(job)
+    run_reference(job)
+    return folder
+
+
+def _sampling_overrides(model_folder: Path, tmp: Path, *extra: str) -> list[str]:
+    return [
+        f"output_dir={tmp}",
+        f"job.output_dir={model_folder}",  # the base job's run folder holds the model and the reference
+        _tracking(tmp),
+        "job.evaluation.num_samples=300",
+        "metrics=[frechet_distance]",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def sampling_sweep(ray_cluster, trained_model, tmp_path_factory):
+    from orchestrator.tune import run_tune
+
+    tmp = tmp_path_factory.mktemp("sampling")
+    sweep = load_sweep(
+        SAMPLING_SPEC, _sampling_overrides(trained_model, tmp, "num_trials=6", "space.sampler.steps={type: int, low: 3, high: 6}")
+    )
+    return sweep, run_tune(sweep)
+
+
+def test_a_sampling_sweep_finds_a_setting_at_least_as_good_as_the_default_at_its_nfe(sampling_sweep, trained_model):
+    from orchestrator.evaluate import run_evaluate
+
+    sweep, summary = sampling_sweep
+    assert summary.statuses == {"completed": 6}
+    best = summary.best
+    completed = [t for t in summary.trials if t.status == "completed"]
+    assert best["values"]["frechet_distance"] == min(t.values["frechet_distance"] for t in completed)
+
+    # the base sampler (no extrapolation, no stochasticity) with the best trial's step count
+    steps = best["params"]["sampler.steps"]
+    default = load_job(
+        ROOT / "jobs/digits.yaml",
+        [
+            f"output_dir={trained_model}",
+            "evaluation.num_samples=300",
+            "tracking.enabled=false",
+            f"sampler.steps={steps}",
+        ],
+    )
+    assert default.sampler.extrapolation == 0 and default.sampler.stochasticity == 0
+    (reference,) = run_evaluate(default).results
+    assert reference.nfe == best["values"].get("nfe", steps) == steps
+    assert best["values"]["frechet_distance"] <= reference.distance
+
+
+def test_a_sampling_sweep_writes_table_plot_best_job_and_nested_mlflow_runs(sampling_sweep, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.evaluate import run_evaluate
+
+    sweep, summary = sampling_sweep
+    folder = Path(sweep.folder)
+    rows = list(csv.DictReader((folder / "results.csv").open()))
+    assert [int(r["trial"]) for r in rows] == list(range(6))
+    assert [r["trial"] for r in rows if r["best"] == "1"] == [str(summary.best["trial"])]
+    assert (folder / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+    # the best job file is a ready-to-run evaluate job that gives the best trial's distance
+    job = load_job(folder / "best_job.yaml", ["tracking.enabled=false"])
+    (result,) = run_evaluate(job).results
+    assert result.distance == pytest.approx(summary.best["values"]["frechet_distance"], rel=1e-9)
+
+    client = MlflowClient(sweep.base_job.tracking.tracking_uri)
+    parent = client.get_run(summary.mlflow_run_id)
+    children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 6
+    assert {c.data.params["sampler.steps"] for c in children} == {str(t.params["sampler.steps"]) for t in summary.trials}
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"results.csv", "results.png", "best_job.yaml", "sweep.json"} <= artifacts
+    assert parent.data.metrics["best_frechet_distance"] == summary.best["values"]["frechet_distance"]
+
+
+def _completed_trials(sweep) -> dict[int, tuple]:
+    import optuna
+
+    if not Path(sweep.storage_url.removeprefix("sqlite:///")).exists():
+        return {}
+    try:
+        study = optuna.load_study(study_name=sweep.config.name, storage=sweep.storage_url)
+    except KeyError:  # not created yet
+        return {}
+    return {t.number: (t.params, t.values) for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))}
+
+
+def test_a_killed_sweep_continues_with_the_trials_it_had_finished(ray_cluster, trained_model, tmp_path):
+    from orchestrator.tune import run_tune
+
+    overrides = _sampling_overrides(trained_model, tmp_path, "num_trials=4", "max_concurrent_trials=1")
+    sweep = load_sweep(SAMPLING_SPEC, overrides)
+    log = (tmp_path / "first.log").open("w")
+    # its own local Ray cluster (not this module's), so that the kill takes the cluster with it
+    environment = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    first = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "tune", str(SAMPLING_SPEC), *overrides],
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=environment,
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while not _completed_trials(sweep) and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(2)
+        assert first.poll() is None, f"the first run ended before it could be killed: {(tmp_path / 'first.log').read_text()[-2000:]}"
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the sweep's process group: its driver and its local Ray cluster
+        first.wait()
+
+    before = _completed_trials(sweep)
+    assert 1 <= len(before) < 4
+
+    summary = run_tune(sweep)
+    finished = _completed_trials(sweep)
+    assert all(finished[number] == kept for number, kept in before.items())  # kept, not run again
+    assert summary.statuses["completed"] == 4 == len(finished)
+    # a trial the kill cut off ran again with the same values, in the same run folder
+    interrupted = [t for t in summary.trials if t.status == "interrupted"]
+    assert summary.statuses.get("interrupted", 0) == len(interrupted) <= 1
+    for cut in interrupted:
+        (retry,) = [t for t in summary.trials if t.run_dir == cut.run_dir and t.number != cut.number]
+        assert retry.status == "completed" and retry.params == cut.params
+    state = json.loads(storage.read_bytes(f"{sweep.folder}/sweep_state.json"))
+    assert [session["complete"] for session in state["sessions"]] == [False, True]
+
+
+# --------------------------------------------------------------------------- training sweeps (slow)
+
+
+@pytest.mark.slow
+def test_a_training_sweep_stops_weak_trials_early_and_its_best_job_reproduces_its_score(ray_cluster, tmp_path):
+    """4 trials of 40 steps, 2 at a time: real Ray Train + DeepSpeed runs inside Tune, ASHA on
+    the quick score every 10 steps."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.train import run_train
+    from orchestrator.tune import run_tune
+
+    sweep = load_sweep(
+        TRAINING_SPEC,
+        [
+            f"output_dir={tmp_path}",
+            _tracking(tmp_path),
+            "num_trials=4",
+            "max_concurrent_trials=2",
+            "early_stopping.grace_period=10",
+            "job.train.steps=40",
+            "job.train.warmup_steps=5",
+            "job.train.score_every=10",
+            "job.train.log_every=10",
+            "job.train.checkpoint_every=20",
+            "job.evaluation.score_samples=50",
+            "job.evaluation.num_samples=100",
+            "job.sampler.steps=4",
+            "space.sampler.steps={type: int, low: 3, high: 6}",
+        ],
+    )
+    summary = run_tune(sweep)
+    completed = [t for t in summary.trials if t.status == "completed"]
+    stopped = [t for t in summary.trials if t.status == "stopped"]
+    assert len(completed) + len(stopped) == 4
+    assert completed and stopped, summary.statuses
+    assert all(t.steps < 40 for t in stopped) and all(t.steps == 40 for t in completed)
+    best = summary.best
+    assert best["values"]["frechet_distance"] == min(t.values["frechet_distance"] for t in completed)
+
+    client = MlflowClient(sweep.base_job.tracking.tracking_uri)
+    parent = client.get_run(summary.mlflow_run_id)
+    children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(c.info.run_name for c in children) == [f"trial_{n:04d}" for n in range(4)]
+    assert {c.info.status for c in children if c.info.run_name in {f"trial_{t.number:04d}" for t in stopped}} == {"KILLED"}
+
+    rerun = run_train(load_job(Path(sweep.folder) / "best_job.yaml", ["tracking.enabled=false"]))
+    assert rerun.frechet_trained == pytest.approx(best["values"]["frechet_distance"], rel=1e-6)
