@@ -191,8 +191,9 @@ def results_plot(sweep: Sweep, records: list[TrialRecord], front: list[TrialReco
     return buffer.getvalue()
 
 
-def report_sweep(sweep: Sweep, study, parent: Tracker, *, complete: bool, seconds: float) -> SweepSummary:
-    """Write the sweep's outputs to its folder and its MLflow parent run."""
+def report_sweep(sweep: Sweep, study, parent: Tracker, *, complete: bool, seconds: float, logged: set[int]) -> SweepSummary:
+    """Write the sweep's outputs to its folder and its MLflow parent run. `logged`: the trials
+    whose metrics the parent run holds already (from earlier runs of the sweep); updated."""
     metrics = list(sweep.config.metrics)
     records = collect_trials(sweep, study)
     completed = [r for r in records if r.status == "completed"]
@@ -227,7 +228,9 @@ def report_sweep(sweep: Sweep, study, parent: Tracker, *, complete: bool, second
         parent.log_artifact_bytes(data, name)
 
     for record in completed:
-        parent.log_metrics({m: record.values[m] for m in metrics}, step=record.number)
+        if record.number not in logged:
+            parent.log_metrics({m: record.values[m] for m in metrics}, step=record.number)
+            logged.add(record.number)
     if best is not None:
         parent.log_metrics({f"best_{m}": best.values[m] for m in metrics}, step=best.number)
         parent.set_tags({"best_trial": str(best.number), "best_run_dir": best.run_dir})

@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -250,7 +251,9 @@ def _study(sweep: Sweep):
     recorded = study.user_attrs.get("sweep")
     if recorded is None:
         study.set_user_attr("sweep", fingerprint)
-        study.set_metric_names(list(config.metrics))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(config.metrics))  # shown by Optuna's own tools (optuna-dashboard)
     elif recorded != fingerprint:
         raise ConfigError(
             f"invalid sweep spec:\n  storage: the study {config.name!r} in {sweep.storage_url} was made for another mode, "
@@ -385,7 +388,10 @@ def run_tune(sweep: Sweep) -> SweepSummary:
             state.save()
             if not complete:
                 logger.warning("the sweep was interrupted; run the same command again to continue it")
-        summary = report_sweep(sweep, study, parent, complete=complete, seconds=time.perf_counter() - started)
+        logged = set(state.data.get("logged_trials", []))
+        summary = report_sweep(sweep, study, parent, complete=complete, seconds=time.perf_counter() - started, logged=logged)
+        state.data["logged_trials"] = sorted(logged)
+        state.save()
     except BaseException:
         parent.finish("FAILED")
         raise

@@ -92,6 +92,32 @@ def test_the_same_seed_suggests_the_same_configs():
     assert any("sampler.extrapolation" in c for c in first) and any("sampler.extrapolation" not in c for c in first)
 
 
+def test_a_trial_a_kill_cut_off_is_queued_again_with_its_values_and_run_folder(tmp_path):
+    """What a restarted sweep does with the Optuna trials the previous run left RUNNING."""
+    import optuna
+
+    from orchestrator.search_space import RUN_NAME
+    from orchestrator.tune import _study, build_searcher, finished_trials, settle_interrupted
+
+    sweep = load_sweep(TRAINING_SPEC, [f"output_dir={tmp_path}"])
+    study = _study(sweep)
+    searcher = build_searcher(sweep, sweep.storage_url)
+    cut, done = searcher.suggest("a"), searcher.suggest("b")  # both RUNNING, as after a kill
+    result = Path(sweep.folder) / "trials" / done[RUN_NAME] / "trial_result.json"
+    result.parent.mkdir(parents=True)
+    result.write_text(json.dumps({"frechet_distance": 12.5, "score_samples": 100, "step": 300}))
+
+    settle_interrupted(sweep, study)
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.WAITING]
+    assert trials[0].user_attrs["interrupted"] and trials[1].values == [12.5]
+    assert finished_trials(study) == 1  # the interrupted one does not count
+
+    retry = build_searcher(sweep, sweep.storage_url).suggest("c")
+    assert retry["trial_number"] == 2 and retry[RUN_NAME] == cut[RUN_NAME] == "trial_0000"
+    assert {k: v for k, v in retry.items() if "." in k} == {k: v for k, v in cut.items() if "." in k}
+
+
 def test_training_reports_a_quick_score_every_score_every_steps(tmp_path):
     """The intermediate metric early stopping reads: every train.score_every steps, on
     evaluation.score_samples samples (here through the single-process backend's MLflow run)."""
@@ -147,10 +173,10 @@ def trained_model(tmp_path_factory):
         [
             f"output_dir={folder}",
             "distributed.backend=local",
-            "train.steps=200",
+            "train.steps=250",
             "train.warmup_steps=20",
-            "train.log_every=100",
-            "train.checkpoint_every=200",
+            "train.log_every=50",
+            "train.checkpoint_every=250",
             "train.sample_every=100000",
             "evaluation.num_samples=100",
             "tracking.enabled=false",
@@ -291,8 +317,8 @@ def test_a_killed_sweep_continues_with_the_trials_it_had_finished(ray_cluster, t
 
 @pytest.mark.slow
 def test_a_training_sweep_stops_weak_trials_early_and_its_best_job_reproduces_its_score(ray_cluster, tmp_path):
-    """4 trials of 40 steps, 2 at a time: real Ray Train + DeepSpeed runs inside Tune, ASHA on
-    the quick score every 10 steps."""
+    """5 trials of 40 steps, 2 at a time: real Ray Train + DeepSpeed runs inside Tune, ASHA on
+    the quick score at step 20 (a fast EMA, so that 20 steps show in the samples)."""
     from mlflow.tracking import MlflowClient
 
     from orchestrator.train import run_train
@@ -303,24 +329,24 @@ def test_a_training_sweep_stops_weak_trials_early_and_its_best_job_reproduces_it
         [
             f"output_dir={tmp_path}",
             _tracking(tmp_path),
-            "num_trials=4",
+            "num_trials=5",
             "max_concurrent_trials=2",
-            "early_stopping.grace_period=10",
+            "early_stopping.grace_period=20",
             "job.train.steps=40",
             "job.train.warmup_steps=5",
-            "job.train.score_every=10",
+            "job.train.ema_decay=0.9",
+            "job.train.score_every=20",
             "job.train.log_every=10",
             "job.train.checkpoint_every=20",
             "job.evaluation.score_samples=50",
             "job.evaluation.num_samples=100",
-            "job.sampler.steps=4",
             "space.sampler.steps={type: int, low: 3, high: 6}",
         ],
     )
     summary = run_tune(sweep)
     completed = [t for t in summary.trials if t.status == "completed"]
     stopped = [t for t in summary.trials if t.status == "stopped"]
-    assert len(completed) + len(stopped) == 4
+    assert len(completed) + len(stopped) == 5
     assert completed and stopped, summary.statuses
     assert all(t.steps < 40 for t in stopped) and all(t.steps == 40 for t in completed)
     best = summary.best
@@ -329,7 +355,7 @@ def test_a_training_sweep_stops_weak_trials_early_and_its_best_job_reproduces_it
     client = MlflowClient(sweep.base_job.tracking.tracking_uri)
     parent = client.get_run(summary.mlflow_run_id)
     children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert sorted(c.info.run_name for c in children) == [f"trial_{n:04d}" for n in range(4)]
+    assert sorted(c.info.run_name for c in children) == [f"trial_{n:04d}" for n in range(5)]
     assert {c.info.status for c in children if c.info.run_name in {f"trial_{t.number:04d}" for t in stopped}} == {"KILLED"}
 
     rerun = run_train(load_job(Path(sweep.folder) / "best_job.yaml", ["tracking.enabled=false"]))
