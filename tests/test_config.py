@@ -12,13 +12,6 @@ from orchestrator.config import ConfigError, JobConfig, load_job
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_every_shipped_job_spec_validates():
-    specs = sorted((ROOT / "jobs").glob("*.yaml"))
-    assert specs, "jobs/ holds no job spec"
-    for spec in specs:
-        assert isinstance(load_job(spec), JobConfig)
-
-
 def test_overrides_are_parsed_with_yaml_types():
     config = load_job(ROOT / "jobs/digits.yaml", ["train.steps=7", "objective.consistency_ratio=1", "sampler.schedule=[1, 1, 1]"])
     assert config.train.steps == 7
