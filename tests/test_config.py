@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.cli import main
-from orchestrator.config import ConfigError, JobConfig, load_job
+from orchestrator.config import ConfigError, load_job
 
 ROOT = Path(__file__).resolve().parents[1]
 
