@@ -28,7 +28,6 @@ import json
 import logging
 import math
 import os
-import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -39,12 +38,12 @@ from orchestrator import storage
 from orchestrator.config import JobConfig
 from orchestrator.errors import ConfigError, JobError
 from orchestrator.inference import actor_device, connect, pool_resources
+from orchestrator.shard_sets import check_parameters, finished_shards, write_shards
 from orchestrator.vae import VaeShape, encode, fetch_vae, load_vae
 from ucgm_core.datasets import LATENT_PARAMETERS_FILE, LATENT_SHARD, ImageSource, open_image_source
 
 logger = logging.getLogger(__name__)
 
-_DONE = re.compile(r"^shard-(\d{5,})\.done$")
 
 
 class EncodingMismatchError(JobError):
@@ -54,10 +53,6 @@ class EncodingMismatchError(JobError):
 def output_folder(config: JobConfig) -> str:
     out = config.encode.out or storage.join(config.run_dir, "latents")
     return out if "://" in out else os.path.abspath(out)
-
-
-def finished_shards(out: str) -> set[int]:
-    return {int(m.group(1)) for name in storage.list_names(out) if (m := _DONE.match(name))}
 
 
 class LatentShardWriter:
@@ -133,21 +128,6 @@ class EncodeSummary:
         return json.dumps(dataclasses.asdict(self), indent=2)
 
 
-def _check_parameters(out: str, parameters: dict[str, Any]) -> None:
-    path = storage.join(out, LATENT_PARAMETERS_FILE)
-    parameters = json.loads(json.dumps(parameters))  # tuples -> lists, as the stored copy has them
-    if storage.exists(path):
-        existing = json.loads(storage.read_bytes(path))
-        if existing != parameters:
-            changed = sorted(k for k in set(existing) | set(parameters) if existing.get(k) != parameters.get(k))
-            raise EncodingMismatchError(
-                f"{out!r} holds latents encoded with other parameters ({', '.join(changed)} differ); resuming would mix "
-                "two sets. Use another encode.out, or delete the folder to start over"
-            )
-    else:
-        storage.write_bytes(path, json.dumps(parameters, indent=2).encode())
-
-
 def run_encode(config: JobConfig) -> EncodeSummary:
     """Write the latents of the job's data under encode.out, skipping shards finished by an
     earlier run (see the module docstring)."""
@@ -194,7 +174,7 @@ def run_encode(config: JobConfig) -> EncodeSummary:
         "shard_size": settings.shard_size,
         "num_shards": num_shards,
     }
-    _check_parameters(out, parameters)
+    check_parameters(out, LATENT_PARAMETERS_FILE, parameters, error=EncodingMismatchError, holds="latents encoded", fix="encode.out")
     pending = [shard for shard in range(num_shards) if shard not in finished_shards(out)]
     logger.info(
         "encode %d images of %s (%dx%dx%d) into %s latents under %s: %d shards, %d already finished",
@@ -205,29 +185,8 @@ def run_encode(config: JobConfig) -> EncodeSummary:
         connect(config, settings.num_actors * settings.cpus_per_actor)
         resources = pool_resources(settings.num_actors, settings.cpus_per_actor, settings.gpus_per_actor, "encode")
         plan = {"num_images": num_images, "shard_size": settings.shard_size, "batch_size": settings.batch_size, "seed": config.seed, "latent": settings.latent}
-        shards = ray.data.from_items([{"shard": shard} for shard in pending], override_num_blocks=len(pending))
-        results = shards.map_batches(
-            LatentShardWriter,
-            fn_constructor_kwargs={
-                "vae": settings.vae,
-                "sha256": sha256,
-                "shape": shape,
-                "source": [ray.put(source)],
-                "out": out,
-                "plan": plan,
-                "cpus": resources.cpus,
-            },
-            batch_size=1,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=min(resources.count, len(pending))),
-            **resources.remote_args(),
-        )
-        from tqdm import tqdm
-
-        with tqdm(total=len(pending), desc="encode", unit="shard") as progress:
-            for row in results.iter_rows():
-                written += int(row["count"])
-                progress.update(1)
+        arguments = {"vae": settings.vae, "sha256": sha256, "shape": shape, "source": [ray.put(source)], "out": out, "plan": plan}
+        written = write_shards(LatentShardWriter, pending, arguments, resources, "encode")
     seconds = time.perf_counter() - started
     return EncodeSummary(
         out=out,

@@ -29,7 +29,6 @@ import json
 import logging
 import math
 import os
-import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +39,7 @@ from PIL import Image
 from orchestrator import storage
 from orchestrator.config import JobConfig
 from orchestrator.errors import JobError
+from orchestrator.shard_sets import check_parameters, finished_shards, shard_name, write_shards
 from orchestrator.inference import DecoderSpec, actor_device, actor_resources, checkpoint_path, connect, decoder_spec, read_model_file
 from ucgm_core.evaluation import balanced_labels, generate
 from ucgm_core.features import quantize_to_uint8
@@ -50,15 +50,10 @@ from ucgm_core.transports import build_transport
 logger = logging.getLogger(__name__)
 
 PARAMETERS_FILE = "generation.json"
-_DONE = re.compile(r"^shard-(\d{5,})\.done$")
 
 
 class GenerationMismatchError(JobError):
     """An output folder that holds a generation with other parameters."""
-
-
-def shard_name(shard: int) -> str:
-    return f"shard-{shard:05d}"
 
 
 def image_name(index: int) -> str:
@@ -68,15 +63,6 @@ def image_name(index: int) -> str:
 def output_folder(config: JobConfig) -> str:
     out = config.evaluation.generation.out or storage.join(config.run_dir, "generated")
     return out if "://" in out else os.path.abspath(out)
-
-
-def finished_shards(out: str) -> set[int]:
-    """Shards whose .done marker exists (listing fresh from the store, not from a cache)."""
-    from fsspec.core import url_to_fs
-
-    filesystem, _ = url_to_fs(out)
-    filesystem.invalidate_cache()  # other processes wrote there since this one last listed
-    return {int(m.group(1)) for name in storage.list_names(out) if (m := _DONE.match(name))}
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
@@ -184,21 +170,6 @@ class GenerateSummary:
         return json.dumps(dataclasses.asdict(self), indent=2)
 
 
-def _check_parameters(out: str, parameters: dict[str, Any]) -> None:
-    path = storage.join(out, PARAMETERS_FILE)
-    parameters = json.loads(json.dumps(parameters))  # tuples -> lists, as the stored copy has them
-    if storage.exists(path):
-        existing = json.loads(storage.read_bytes(path))
-        if existing != parameters:
-            changed = sorted(k for k in set(existing) | set(parameters) if existing.get(k) != parameters.get(k))
-            raise GenerationMismatchError(
-                f"{out!r} holds a generation with other parameters ({', '.join(changed)} differ); "
-                "resuming would mix two sets. Use another out=, or delete the folder to start over"
-            )
-    else:
-        storage.write_bytes(path, json.dumps(parameters, indent=2).encode())
-
-
 def run_generate(config: JobConfig) -> GenerateSummary:
     """Write evaluation.generation.num_samples images under evaluation.generation.out, skipping
     shards finished by an earlier run (see the module docstring)."""
@@ -225,7 +196,7 @@ def run_generate(config: JobConfig) -> GenerateSummary:
     }
     if decoder is not None:
         parameters["vae_weights_sha256"] = decoder.weights_sha256
-    _check_parameters(out, parameters)
+    check_parameters(out, PARAMETERS_FILE, parameters, error=GenerationMismatchError, holds="a generation", fix="out=")
     done = finished_shards(out)
     pending = [shard for shard in range(num_shards) if shard not in done]
     logger.info("generate %d images into %s: %d shards, %d already finished", generation.num_samples, out, num_shards, num_shards - len(pending))
@@ -235,29 +206,15 @@ def run_generate(config: JobConfig) -> GenerateSummary:
         resources = actor_resources(config)
         model_ref = ray.put(model_bytes)
         plan = {"num_samples": generation.num_samples, "shard_size": generation.shard_size, "batch_size": config.evaluation.batch_size, "seed": config.seed}
-        shards = ray.data.from_items([{"shard": shard} for shard in pending], override_num_blocks=len(pending))
-        results = shards.map_batches(
-            ShardWriter,
-            fn_constructor_kwargs={
-                "model": [model_ref],
-                "settings": dataclasses.asdict(config.sampler),
-                "out": out,
-                "plan": plan,
-                "formats": tuple(generation.formats),
-                "cpus": resources.cpus,
-                "decoder": decoder,
-            },
-            batch_size=1,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=min(resources.count, len(pending))),
-            **resources.remote_args(),
-        )
-        from tqdm import tqdm
-
-        with tqdm(total=len(pending), desc="generate", unit="shard") as progress:
-            for row in results.iter_rows():
-                written += int(row["count"])
-                progress.update(1)
+        arguments = {
+            "model": [model_ref],
+            "settings": dataclasses.asdict(config.sampler),
+            "out": out,
+            "plan": plan,
+            "formats": tuple(generation.formats),
+            "decoder": decoder,
+        }
+        written = write_shards(ShardWriter, pending, arguments, resources, "generate")
     seconds = time.perf_counter() - started
     return GenerateSummary(
         out=out,
