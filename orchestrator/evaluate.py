@@ -44,6 +44,7 @@ from orchestrator.inference import (
     DecoderSpec,
     ExtractorSpec,
     actor_device,
+    actor_model_file,
     actor_resources,
     checkpoint_path,
     connect,
@@ -58,7 +59,6 @@ from ucgm_core.datasets import load_dataset
 from ucgm_core.evaluation import StageTimer, generate
 from ucgm_core.features import is_fid_extractor, quantize_to_uint8
 from ucgm_core.fid import FeatureStatistics, frechet_distance_from_statistics
-from ucgm_core.model_file import load_model_file
 from ucgm_core.sampler import SamplerSettings, count_network_evaluations
 from ucgm_core.transports import build_transport
 
@@ -187,11 +187,8 @@ class SampleStatistics:
         cpus: float,
         decoder: DecoderSpec | None = None,
     ):
-        import ray
-
         self.device = actor_device(cpus)
-        data = model[0] if isinstance(model[0], bytes) else ray.get(model[0])
-        contents = load_model_file(io.BytesIO(data), map_location=self.device)
+        contents = actor_model_file(model, self.device)
         self.network = contents.model.to(self.device)
         self.transport = build_transport(contents.transport)
         self.image_shape = (contents.in_channels, contents.input_size, contents.input_size)

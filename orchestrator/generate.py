@@ -40,10 +40,9 @@ from orchestrator import storage
 from orchestrator.config import JobConfig
 from orchestrator.errors import JobError
 from orchestrator.shard_sets import check_parameters, finished_shards, shard_name, write_shards
-from orchestrator.inference import DecoderSpec, actor_device, actor_resources, checkpoint_path, connect, decoder_spec, read_model_file
+from orchestrator.inference import DecoderSpec, actor_device, actor_model_file, actor_resources, checkpoint_path, connect, decoder_spec, read_model_file
 from ucgm_core.evaluation import balanced_labels, generate
 from ucgm_core.features import quantize_to_uint8
-from ucgm_core.model_file import load_model_file
 from ucgm_core.sampler import SamplerSettings
 from ucgm_core.transports import build_transport
 
@@ -87,11 +86,8 @@ class ShardWriter:
         cpus: float,
         decoder: DecoderSpec | None = None,
     ):
-        import ray
-
         self.device = actor_device(cpus)
-        data = model[0] if isinstance(model[0], bytes) else ray.get(model[0])
-        contents = load_model_file(io.BytesIO(data), map_location=self.device)
+        contents = actor_model_file(model, self.device)
         self.network = contents.model.to(self.device)
         self.transport = build_transport(contents.transport)
         self.image_shape = (contents.in_channels, contents.input_size, contents.input_size)

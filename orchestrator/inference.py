@@ -49,6 +49,15 @@ def read_model_file(config: JobConfig) -> tuple[bytes, ModelFileContents]:
     return data, load_model_file(io.BytesIO(data))
 
 
+def actor_model_file(model: list[Any], device: torch.device) -> ModelFileContents:
+    """The model file an actor is handed (its bytes, or an object ref of them; wrapped in a list
+    so Ray does not resolve the ref at construction), loaded on `device`."""
+    import ray
+
+    data = model[0] if isinstance(model[0], bytes) else ray.get(model[0])
+    return load_model_file(io.BytesIO(data), map_location=device)
+
+
 @dataclass(frozen=True)
 class DecoderSpec:
     """The VAE that turns a latent-space model's samples into images, small enough to send to
