@@ -48,7 +48,7 @@ def initialize_weights(model: DiT, config: JobConfig, *, input_size: int, in_cha
     """Copy `train.initialize_from`'s weights into `model` (before EMA and target copies are taken)."""
     path = config.train.initialize_from
     source = read_model_source("train.initialize_from", path)
-    problems = _shape_problems(source, config.model, input_size, in_channels, num_classes)
+    problems = _architecture_problems(source, config.model) + _data_problems(source, input_size, in_channels, num_classes)
     if problems:
         raise JobError(f"train.initialize_from: {path!r} does not fit this job's network: {'; '.join(problems)}")
     model.load_state_dict(source.model.state_dict())
@@ -59,25 +59,25 @@ def load_teacher(config: JobConfig, device: torch.device, *, input_size: int, in
     path = config.train.teacher
     source = read_model_source("train.teacher", path)
     problems = [] if source.transport == config.transport else [f"it was trained on transport {source.transport!r}, this job uses {config.transport!r}"]
-    if (source.input_size, source.in_channels, source.num_classes) != (input_size, in_channels, num_classes):
-        problems.append(
-            f"it takes {source.in_channels}x{source.input_size}x{source.input_size} images of {source.num_classes} classes, "
-            f"the data has {in_channels}x{input_size}x{input_size} of {num_classes}"
-        )
+    problems += _data_problems(source, input_size, in_channels, num_classes)
     if problems:
         raise JobError(f"train.teacher: {path!r} cannot teach this job: {'; '.join(problems)}")
     return source.model.to(device).eval().requires_grad_(False)
 
 
-def _shape_problems(source: ModelFileContents, settings: DiTSettings, input_size: int, in_channels: int, num_classes: int) -> list[str]:
-    problems = []
+def _architecture_problems(source: ModelFileContents, settings: DiTSettings) -> list[str]:
     given, wanted = dataclasses.asdict(source.model.settings), dataclasses.asdict(settings)
-    for name in wanted:
-        if name not in _RUNTIME_ONLY_SETTINGS and given.get(name) != wanted[name]:
-            problems.append(f"model.{name} is {given.get(name)!r} there, {wanted[name]!r} here")
-    if (source.input_size, source.in_channels, source.num_classes) != (input_size, in_channels, num_classes):
-        problems.append(
-            f"its data was {source.in_channels}x{source.input_size}x{source.input_size} with {source.num_classes} classes, "
-            f"this job's is {in_channels}x{input_size}x{input_size} with {num_classes}"
-        )
-    return problems
+    return [
+        f"model.{name} is {given.get(name)!r} there, {wanted[name]!r} here"
+        for name in wanted
+        if name not in _RUNTIME_ONLY_SETTINGS and given.get(name) != wanted[name]
+    ]
+
+
+def _data_problems(source: ModelFileContents, input_size: int, in_channels: int, num_classes: int) -> list[str]:
+    if (source.input_size, source.in_channels, source.num_classes) == (input_size, in_channels, num_classes):
+        return []
+    return [
+        f"it was trained on {source.in_channels}x{source.input_size}x{source.input_size} images of {source.num_classes} classes, "
+        f"this job's data is {in_channels}x{input_size}x{input_size} of {num_classes}"
+    ]
