@@ -100,13 +100,15 @@ def test_initialize_from_refuses_another_architecture(tmp_path):
 
 def test_teacher_of_another_transport_is_refused(tmp_path):
     _write_model_file(tmp_path / "linear.pt", transport="linear")
-    config = _job("digits_scd.yaml", tmp_path, f"train.teacher={tmp_path / 'linear.pt'}")
+    config = _job("digits_scd.yaml", tmp_path, f"train.teacher={tmp_path / 'linear.pt'}", "train.initialize_from=null")
     with pytest.raises(JobError, match="train.teacher: .* trained on transport 'linear', this job uses 'trigflow'"):
         TrainingRun(config, device=torch.device("cpu"))
 
 
 def test_missing_model_files_fail_before_any_training(tmp_path):
-    config = _job("digits_scd.yaml", tmp_path, f"train.teacher={tmp_path / 'nowhere.pt'}", "distributed.backend=ray")
+    config = _job(
+        "digits_scd.yaml", tmp_path, f"train.teacher={tmp_path / 'nowhere.pt'}", "train.initialize_from=null", "distributed.backend=ray"
+    )
     with pytest.raises(FileNotFoundError, match="train.teacher: no model file at"):
         run_train(config)
     assert not (tmp_path / "out").exists()
@@ -116,7 +118,12 @@ def test_scd_trains_its_learned_weight_against_a_teacher_and_resumes_it(tmp_path
     """sCD end to end on the local backend: the teacher is read, the learned weight w(t) (zero at
     start) is updated by the optimiser and restored from the checkpoint on resume."""
     _write_model_file(tmp_path / "teacher.pt", transport="trigflow")
-    overrides = (f"train.teacher={tmp_path / 'teacher.pt'}", "train.checkpoint_every=6", "objective.tangent_warmup_steps=4")
+    overrides = (
+        f"train.teacher={tmp_path / 'teacher.pt'}",
+        f"train.initialize_from={tmp_path / 'teacher.pt'}",  # as the spec: the student starts as the teacher
+        "train.checkpoint_every=6",
+        "objective.tangent_warmup_steps=4",
+    )
     summary = run_train(_job("digits_scd.yaml", tmp_path, "train.steps=6", *overrides))
     assert summary.steps == 6 and summary.last_loss == summary.last_loss  # finite
     state = torch.load(Path(summary.run_dir) / "checkpoints/step_00000006/state.pt", weights_only=True)
@@ -158,6 +165,7 @@ def test_sct_learned_weight_is_trained_under_deepspeed_zero_2(ray_cluster, tmp_p
         "train.batch_size=32",
         "train.checkpoint_every=4",
         "objective.tangent_warmup_steps=2",
+        "train.initialize_from=null",  # from scratch: this test is about the engine, not the start
     )
     summary = run_train(config)
     assert summary.steps == 4 and summary.last_loss == summary.last_loss
