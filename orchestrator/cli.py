@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
         return 0
     if args.verb == "train":
-        from orchestrator.train import run_train
+        from orchestrator.train.run import run_train
 
         try:
             summary = run_train(config)
@@ -109,18 +109,18 @@ def expand_shortcuts(verb: str, overrides: list[str]) -> list[str]:
 
 def run_sampling_verb(verb: str, config):
     if verb == "evaluate":
-        from orchestrator.evaluate import run_evaluate
+        from orchestrator.sample.evaluate import run_evaluate
 
         return run_evaluate(config)
     if verb == "reference":
-        from orchestrator.evaluate import run_reference
+        from orchestrator.sample.reference import run_reference
 
         return run_reference(config)
     if verb == "encode":
-        from orchestrator.encode import run_encode
+        from orchestrator.encode.run import run_encode
 
         return run_encode(config)
-    from orchestrator.generate import run_generate
+    from orchestrator.sample.generate import run_generate
 
     return run_generate(config)
 
@@ -129,14 +129,14 @@ def run_sampling_verb(verb: str, config):
 
 
 def run_tune_verb(path: str, overrides: list[str], check: bool) -> int:
-    from orchestrator.sweep_config import load_sweep
+    from orchestrator.tune.spec import load_sweep
 
     try:
         sweep = load_sweep(path, overrides)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    from orchestrator.tune import check_sweep, run_tune
+    from orchestrator.tune.run import check_sweep, run_tune
 
     if check:
         import yaml

@@ -14,7 +14,7 @@ import torch
 
 from orchestrator import storage
 from orchestrator.config import load_job
-from orchestrator.encode import EncodingMismatchError, finished_shards, run_encode
+from orchestrator.encode.run import EncodingMismatchError, finished_shards, run_encode
 from orchestrator.errors import ConfigError, JobError, ResourceError
 from sampling_helpers import ray_cluster  # noqa: F401  (a fixture)
 from ucgm_core.datasets import load_dataset
@@ -143,7 +143,7 @@ def test_training_reads_the_latent_shards(vae_folder, ray_cluster, tmp_path):
             f"output_dir={tmp_path / 'runs'}",
         ],
     )
-    from orchestrator.train import run_train
+    from orchestrator.train.run import run_train
     from ucgm_core.model_file import load_model_file
 
     summary = run_train(run)
@@ -203,7 +203,7 @@ def test_generate_writes_the_vae_decodings_of_a_latent_models_unclamped_samples(
     from diffusers import AutoencoderKL
     from PIL import Image
 
-    from orchestrator.generate import run_generate
+    from orchestrator.sample.generate import run_generate
     from sampling_helpers import tiny_model
     from ucgm_core.evaluation import generate
     from ucgm_core.features import quantize_to_uint8
@@ -230,7 +230,8 @@ def test_generate_writes_the_vae_decodings_of_a_latent_models_unclamped_samples(
 
 @pytest.mark.slow  # Inception on CPU: about a minute
 def test_evaluate_scores_the_decoded_images_of_a_latent_model_with_inception(vae_folder, ray_cluster, tmp_path):
-    from orchestrator.evaluate import run_evaluate, run_reference
+    from orchestrator.sample.evaluate import run_evaluate
+    from orchestrator.sample.reference import run_reference
 
     inception = ["evaluation.extractor=inception-v3-tf-pool3", f"evaluation.reference={tmp_path / 'reference.npz'}"]
     run_reference(latent_model_job(vae_folder, tmp_path, *inception))  # of the 3x32x32 images the latents came from

@@ -14,8 +14,9 @@ import torch
 from orchestrator.cli import main
 from orchestrator.config import load_job
 from orchestrator.errors import ReferenceStatisticsError
-from orchestrator.evaluate import load_reference, run_evaluate, run_reference, save_reference
-from orchestrator.inference import sweep_settings
+from orchestrator.sample.evaluate import run_evaluate
+from orchestrator.sample.reference import load_reference, run_reference, save_reference
+from orchestrator.sample.sampler_grid import grid_settings
 from sampling_helpers import ray_cluster, tiny_model, write_tiny_model_file  # noqa: F401  (ray_cluster is a fixture)
 from ucgm_core.evaluation import generate, sample_statistics
 from ucgm_core.features import DigitClassifierFeatures
@@ -83,9 +84,9 @@ def test_reference_statistics_remember_their_feature_space(tmp_path):
 
 def test_sweep_entries_apply_on_top_of_the_sampler_section():
     config = load_job(None, ["sampler.steps=7", "sampler.extrapolation=0.2", f"evaluation.sweep={SWEEP}"])
-    settings = sweep_settings(config)
+    settings = grid_settings(config)
     assert [(s.steps, s.extrapolation, s.stochasticity) for s in settings] == [(2, 0.2, 0.0), (3, 0.3, 0.0), (3, 0.2, 0.5)]
-    assert sweep_settings(load_job(None, ["sampler.steps=7"])) == [SamplerSettings(steps=7)]
+    assert grid_settings(load_job(None, ["sampler.steps=7"])) == [SamplerSettings(steps=7)]
 
 
 SPEC = str(Path(__file__).resolve().parents[1] / "jobs" / "digits.yaml")
@@ -129,7 +130,7 @@ def test_evaluate_matches_a_single_process_loop_over_the_same_seeds(evaluation_j
     config, _, reference_summary = evaluation_job
     reference = load_reference(reference_summary.path, reference_summary.extractor)
     extractor = DigitClassifierFeatures(framing="mnist_box")
-    for settings, result in zip(sweep_settings(config), one_actor.results):
+    for settings, result in zip(grid_settings(config), one_actor.results):
         statistics = sample_statistics(
             tiny_model(), LINEAR, settings, extractor, num_samples=90, num_classes=10, image_shape=(1, 8, 8), batch_size=30, seed=config.seed
         )

@@ -19,7 +19,7 @@ from PIL import Image
 
 from orchestrator import storage
 from orchestrator.config import load_job
-from orchestrator.generate import GenerationMismatchError, finished_shards, run_generate
+from orchestrator.sample.generate import GenerationMismatchError, finished_shards, run_generate
 from sampling_helpers import ray_cluster, tiny_model, write_tiny_model_file  # noqa: F401  (ray_cluster is a fixture)
 from ucgm_core.evaluation import generate
 from ucgm_core.features import quantize_to_uint8

@@ -393,7 +393,7 @@ def _resolved(job: dict):
     if verb == "tune":
         if not (ROOT / spec).is_file():
             pytest.skip("the tune verb and its sweep spec are not in the repository yet")
-        sweep_config = pytest.importorskip("orchestrator.sweep_config", reason="the tune verb is not in the repository yet")
+        sweep_config = pytest.importorskip("orchestrator.tune.spec", reason="the tune verb is not in the repository yet")
         return verb, sweep_config.load_sweep(ROOT / spec, overrides).base_job
     return verb, load_job(ROOT / spec, expand_shortcuts(verb, overrides))
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator import checkpoints
+from orchestrator.train import checkpoints
 from orchestrator.config import load_job
-from orchestrator.train import run_train
+from orchestrator.train.run import run_train
 from ucgm_core.model_file import load_model_file
 from ucgm_core.sampler import sample
 

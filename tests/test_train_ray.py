@@ -14,7 +14,7 @@ import torch
 from orchestrator import storage
 from orchestrator.config import load_job
 from orchestrator.errors import CheckpointError, ConfigError, ResourceError, StorageError
-from orchestrator.train import run_train
+from orchestrator.train.run import run_train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +42,7 @@ def ray_cluster(s3_server):
     workers see the local object store."""
     import ray
 
-    from orchestrator.train_ray import connect
+    from orchestrator.train.ray_backend import connect
 
     connect(_job("unused", Path("/tmp")))
     yield

@@ -13,8 +13,8 @@ import torch
 from orchestrator import storage
 from orchestrator.config import load_job
 from orchestrator.errors import ConfigError, JobError
-from orchestrator.train import run_train
-from orchestrator.training import TrainingRun
+from orchestrator.train.run import run_train
+from orchestrator.train.loop import TrainingRun
 from ucgm_core.dit import DiTSettings, build_dit
 from ucgm_core.model_file import model_file_bytes
 from ucgm_core.sampler import SamplerSettings

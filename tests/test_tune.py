@@ -18,7 +18,7 @@ import pytest
 from orchestrator import storage
 from orchestrator.config import load_job
 from orchestrator.errors import ConfigError
-from orchestrator.sweep_config import load_sweep
+from orchestrator.tune.spec import load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINING_SPEC = ROOT / "jobs" / "tune_digits.yaml"
@@ -69,7 +69,7 @@ def test_a_sampling_sweep_searches_sampler_keys_only(tmp_path):
 def _suggestions(seed: int, count: int) -> list[dict]:
     """The configs OptunaSearch suggests for the training spec's define-by-run space, each told
     a result that depends on its values, so the model-based phase of TPE is exercised too."""
-    from orchestrator.tune import build_searcher
+    from orchestrator.tune.run import build_searcher
 
     sweep = load_sweep(TRAINING_SPEC, [f"seed={seed}"])
     searcher = build_searcher(sweep, storage_url=None)
@@ -96,8 +96,8 @@ def test_a_trial_a_kill_cut_off_is_queued_again_with_its_values_and_run_folder(t
     """What a restarted sweep does with the Optuna trials the previous run left RUNNING."""
     import optuna
 
-    from orchestrator.search_space import RUN_NAME
-    from orchestrator.tune import _study, build_searcher, finished_trials, settle_interrupted
+    from orchestrator.tune.space import RUN_NAME
+    from orchestrator.tune.run import _study, build_searcher, finished_trials, settle_interrupted
 
     sweep = load_sweep(TRAINING_SPEC, [f"output_dir={tmp_path}"])
     study = _study(sweep)
@@ -123,7 +123,7 @@ def test_training_reports_a_quick_score_every_score_every_steps(tmp_path):
     evaluation.score_samples samples (here through the single-process backend's MLflow run)."""
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.train import run_train
+    from orchestrator.train.run import run_train
 
     job = load_job(
         ROOT / "jobs/digits.yaml",
@@ -164,8 +164,8 @@ def ray_cluster():
 def trained_model(tmp_path_factory):
     """A tiny digits model (single-process backend, a few hundred steps) and its dataset's
     reference statistics: what sampling sweeps score."""
-    from orchestrator.evaluate import run_reference
-    from orchestrator.train import run_train
+    from orchestrator.sample.reference import run_reference
+    from orchestrator.train.run import run_train
 
     folder = tmp_path_factory.mktemp("model")
     job = load_job(
@@ -200,7 +200,7 @@ def _sampling_overrides(model_folder: Path, tmp: Path, *extra: str) -> list[str]
 
 @pytest.fixture(scope="module")
 def sampling_sweep(ray_cluster, trained_model, tmp_path_factory):
-    from orchestrator.tune import run_tune
+    from orchestrator.tune.run import run_tune
 
     tmp = tmp_path_factory.mktemp("sampling")
     sweep = load_sweep(
@@ -210,7 +210,7 @@ def sampling_sweep(ray_cluster, trained_model, tmp_path_factory):
 
 
 def test_a_sampling_sweep_finds_a_setting_at_least_as_good_as_the_default_at_its_nfe(sampling_sweep, trained_model):
-    from orchestrator.evaluate import run_evaluate
+    from orchestrator.sample.evaluate import run_evaluate
 
     sweep, summary = sampling_sweep
     assert summary.statuses == {"completed": 6}
@@ -238,7 +238,7 @@ def test_a_sampling_sweep_finds_a_setting_at_least_as_good_as_the_default_at_its
 def test_a_sampling_sweep_writes_table_plot_best_job_and_nested_mlflow_runs(sampling_sweep, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.evaluate import run_evaluate
+    from orchestrator.sample.evaluate import run_evaluate
 
     sweep, summary = sampling_sweep
     folder = Path(sweep.folder)
@@ -275,7 +275,7 @@ def _completed_trials(sweep) -> dict[int, tuple]:
 
 
 def test_a_killed_sweep_continues_with_the_trials_it_had_finished(ray_cluster, trained_model, tmp_path):
-    from orchestrator.tune import run_tune
+    from orchestrator.tune.run import run_tune
 
     overrides = _sampling_overrides(trained_model, tmp_path, "num_trials=4", "max_concurrent_trials=1")
     sweep = load_sweep(SAMPLING_SPEC, overrides)
@@ -321,8 +321,8 @@ def test_a_training_sweep_stops_weak_trials_early_and_its_best_job_reproduces_it
     the quick score at step 20 (a fast EMA, so that 20 steps show in the samples)."""
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.train import run_train
-    from orchestrator.tune import run_tune
+    from orchestrator.train.run import run_train
+    from orchestrator.tune.run import run_tune
 
     sweep = load_sweep(
         TRAINING_SPEC,

@@ -29,8 +29,10 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from orchestrator.config import load_job  # noqa: E402
-from orchestrator.evaluate import run_evaluate, run_reference  # noqa: E402
-from orchestrator.inference import extractor_spec, sweep_settings  # noqa: E402
+from orchestrator.sample.evaluate import run_evaluate  # noqa: E402
+from orchestrator.sample.reference import run_reference  # noqa: E402
+from orchestrator.sample.extractors import extractor_spec
+from orchestrator.sample.sampler_grid import grid_settings  # noqa: E402
 from sampling_helpers import tiny_model, write_tiny_model_file  # noqa: E402
 from ucgm_core.evaluation import StageTimer, sample_statistics  # noqa: E402
 from ucgm_core.transports import build_transport  # noqa: E402
@@ -48,7 +50,7 @@ def bare_loop(config, num_samples: int) -> tuple[float, dict[str, float]]:
         timer = StageTimer("cpu")
         started = time.perf_counter()
         sample_statistics(
-            tiny_model(), build_transport(config.transport), sweep_settings(config)[0], extractor,
+            tiny_model(), build_transport(config.transport), grid_settings(config)[0], extractor,
             num_samples=num_samples, num_classes=10, image_shape=(1, 8, 8),
             batch_size=config.evaluation.batch_size, seed=config.seed, timer=timer,
         )

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from orchestrator.config import load_job  # noqa: E402
-from orchestrator.train import run_train  # noqa: E402
+from orchestrator.train.run import run_train  # noqa: E402
 from ucgm_core.datasets import load_dataset  # noqa: E402
 from ucgm_core.evaluation import dataset_statistics, sample_statistics  # noqa: E402
 from ucgm_core.features import DigitClassifierFeatures  # noqa: E402

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from orchestrator.batches import BatchSchedule, step_generator  # noqa: E402
+from orchestrator.train.batches import BatchSchedule, step_generator  # noqa: E402
 from orchestrator.config import load_job  # noqa: E402
 from ucgm_core.datasets import load_dataset  # noqa: E402
 from ucgm_core.dit import build_dit  # noqa: E402
@@ -101,8 +101,8 @@ def bare_loop(args) -> dict:
 
 def timed_steps(config, device, rank: int, world_size: int) -> dict:
     """The real TrainingRun + DeepSpeedOptimization, with timers around each part of a step."""
-    from orchestrator.train_ray import DeepSpeedOptimization
-    from orchestrator.training import TrainingRun
+    from orchestrator.train.ray_backend import DeepSpeedOptimization
+    from orchestrator.train.loop import TrainingRun
 
     run = TrainingRun(config, device=device, rank=rank, world_size=world_size)
     optimization = DeepSpeedOptimization(run)
@@ -210,7 +210,7 @@ def main() -> None:
 
     import ray
 
-    from orchestrator.train_ray import connect
+    from orchestrator.train.ray_backend import connect
 
     bare_timings = bare_loop(args)
     bare = bare_timings["images_per_second"]

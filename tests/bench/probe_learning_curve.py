@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from orchestrator.config import load_job  # noqa: E402
-from orchestrator.train_local import TorchOptimization  # noqa: E402
-from orchestrator.training import TrainingRun  # noqa: E402
+from orchestrator.train.local_backend import TorchOptimization  # noqa: E402
+from orchestrator.train.loop import TrainingRun  # noqa: E402
 from ucgm_core.datasets import load_dataset  # noqa: E402
 from ucgm_core.evaluation import dataset_statistics, sample_statistics  # noqa: E402
 from ucgm_core.features import DigitClassifierFeatures  # noqa: E402

@@ -39,8 +39,11 @@ from PIL import Image
 from orchestrator import storage
 from orchestrator.config import JobConfig
 from orchestrator.errors import JobError
-from orchestrator.shard_sets import check_parameters, finished_shards, shard_name, write_shards
-from orchestrator.inference import DecoderSpec, actor_device, actor_model_file, actor_resources, checkpoint_path, connect, decoder_spec, read_model_file
+from orchestrator.shard_folders import check_parameters, finished_shards, shard_name, write_shards
+from orchestrator.actor_pools import actor_device, actor_resources, connect_for_pool
+from orchestrator.sample.decoder import DecoderSpec, decoder_spec
+from orchestrator.sample.model_files import actor_model_file, model_file_path, read_model_file
+from orchestrator.summary import VerbSummary
 from ucgm_core.evaluation import balanced_labels, generate
 from ucgm_core.features import quantize_to_uint8
 from ucgm_core.sampler import SamplerSettings
@@ -152,7 +155,7 @@ def _write_parquet(path: str, rows: list[dict[str, Any]]) -> None:
 
 
 @dataclass
-class GenerateSummary:
+class GenerateSummary(VerbSummary):
     out: str
     num_samples: int
     shards: int
@@ -161,9 +164,6 @@ class GenerateSummary:
     images_written: int
     seconds: float
     images_per_second: float
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2)
 
 
 def run_generate(config: JobConfig) -> GenerateSummary:
@@ -180,7 +180,7 @@ def run_generate(config: JobConfig) -> GenerateSummary:
     image_shape = [contents.in_channels, contents.input_size, contents.input_size]
     num_shards = math.ceil(generation.num_samples / generation.shard_size)
     parameters = {
-        "checkpoint": checkpoint_path(config),
+        "checkpoint": model_file_path(config),
         "checkpoint_sha256": _sha256(model_bytes),
         "sampler": dataclasses.asdict(config.sampler),
         "seed": config.seed,
@@ -198,7 +198,7 @@ def run_generate(config: JobConfig) -> GenerateSummary:
     logger.info("generate %d images into %s: %d shards, %d already finished", generation.num_samples, out, num_shards, num_shards - len(pending))
     written = 0
     if pending:
-        connect(config)
+        connect_for_pool(config)
         resources = actor_resources(config)
         model_ref = ray.put(model_bytes)
         plan = {"num_samples": generation.num_samples, "shard_size": generation.shard_size, "batch_size": config.evaluation.batch_size, "seed": config.seed}

@@ -18,7 +18,7 @@ before any trial starts.
 
 A key may index into a list value (`sampler.boundary_gaps.1`). A parameter with `when:` is
 suggested only when the condition on an earlier parameter holds; otherwise the job keeps the
-base value (Optuna's define-by-run space, see orchestrator.search_space).
+base value (Optuna's define-by-run space, see orchestrator.tune.space).
 """
 
 from __future__ import annotations
@@ -266,7 +266,7 @@ class Sweep:
     def reference(self) -> str:
         """Sample mode: the reference statistics of the base job (trials write elsewhere, so
         they are told where the base job's are)."""
-        from orchestrator.evaluate import reference_path
+        from orchestrator.sample.reference import reference_path
 
         path = reference_path(self.base_job)
         return path if "://" in path else os.path.abspath(path)

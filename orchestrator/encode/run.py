@@ -22,7 +22,6 @@ and parquet decode only the images of that shard), so images never pass through 
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import logging
@@ -37,9 +36,10 @@ import numpy as np
 from orchestrator import storage
 from orchestrator.config import JobConfig
 from orchestrator.errors import ConfigError, JobError
-from orchestrator.inference import actor_device, connect, pool_resources
-from orchestrator.shard_sets import check_parameters, finished_shards, write_shards
-from orchestrator.vae import VaeShape, encode, fetch_vae, load_vae
+from orchestrator.actor_pools import actor_device, connect_for_pool, pool_resources
+from orchestrator.shard_folders import check_parameters, finished_shards, write_shards
+from orchestrator.encode.vae import VaeShape, encode, fetch_vae, load_vae
+from orchestrator.summary import VerbSummary
 from ucgm_core.datasets import LATENT_PARAMETERS_FILE, LATENT_SHARD, ImageSource, open_image_source
 
 logger = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ def _write_shard(path: str, first: int, labels: np.ndarray, latents: np.ndarray)
 
 
 @dataclass
-class EncodeSummary:
+class EncodeSummary(VerbSummary):
     out: str
     num_images: int
     latent_shape: list[int]
@@ -123,9 +123,6 @@ class EncodeSummary:
     images_written: int
     seconds: float
     images_per_second: float
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2)
 
 
 def run_encode(config: JobConfig) -> EncodeSummary:
@@ -182,7 +179,7 @@ def run_encode(config: JobConfig) -> EncodeSummary:
     )
     written = 0
     if pending:
-        connect(config, settings.num_actors * settings.cpus_per_actor)
+        connect_for_pool(config, settings.num_actors * settings.cpus_per_actor)
         resources = pool_resources(settings.num_actors, settings.cpus_per_actor, settings.gpus_per_actor, "encode")
         plan = {"num_images": num_images, "shard_size": settings.shard_size, "batch_size": settings.batch_size, "seed": config.seed, "latent": settings.latent}
         arguments = {"vae": settings.vae, "sha256": sha256, "shape": shape, "source": [ray.put(source)], "out": out, "plan": plan}

@@ -16,7 +16,6 @@ accumulation steps, and a resumed run the same as an uninterrupted one.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -27,11 +26,13 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from orchestrator import model_sources, storage
-from orchestrator.batches import BatchSchedule, step_generator
+from orchestrator import storage
+from orchestrator.train import pretrained
+from orchestrator.train.batches import BatchSchedule, step_generator
 from orchestrator.config import JobConfig
-from orchestrator.images import grid_png
+from orchestrator.image_grid import grid_png
 from orchestrator.tracking import NullTracker, Tracker, open_tracker
+from orchestrator.summary import VerbSummary
 from ucgm_core.datasets import ImageDataset, load_dataset
 from ucgm_core.dit import DiT, build_dit
 from ucgm_core.ema import ModelEMA, TargetNetwork
@@ -73,13 +74,13 @@ class TrainingRun:
         self.model: DiT = build_dit(config.model, **shape)
         if config.train.initialize_from:
             # before the EMA and the target network copy the weights: a frozen theta- is this start
-            model_sources.initialize_weights(self.model, config, **shape)
+            pretrained.initialize_weights(self.model, config, **shape)
         self.model.to(device)
         if config.objective.needs_forward_mode_autodiff:
             self.model.set_attention("math")  # forward-mode AD does not pass fused attention kernels
         self.ema = ModelEMA(self.model, decay=config.train.ema_decay, warmup=True)
         self.transport = build_transport(config.transport)
-        teacher = model_sources.load_teacher(config, device, **shape) if config.train.teacher else None
+        teacher = pretrained.load_teacher(config, device, **shape) if config.train.teacher else None
         self.objective = build_objective(config.objective, self.transport, teacher=teacher)
         # parameters the objective trains besides the network's (sCM's learned loss weight)
         self.extra_modules = torch.nn.ModuleList(self.objective.extra_modules()).to(device)
@@ -202,7 +203,7 @@ class QualityScorer:
 
 
 @dataclass
-class TrainSummary:
+class TrainSummary(VerbSummary):
     run_dir: str
     steps: int
     resumed_from: int
@@ -213,9 +214,6 @@ class TrainSummary:
     frechet_trained: float | None
     extractor: str | None
     mlflow_run_id: str | None
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> TrainSummary:

@@ -13,7 +13,7 @@ from typing import Any
 
 from orchestrator import storage
 from orchestrator.errors import JobError
-from orchestrator.inference import ActorResources
+from orchestrator.actor_pools import ActorResources
 
 _DONE = re.compile(r"^shard-(\d{5,})\.done$")
 
@@ -21,9 +21,6 @@ _DONE = re.compile(r"^shard-(\d{5,})\.done$")
 def shard_name(shard: int) -> str:
     return f"shard-{shard:05d}"
 
-
-def done_marker(out: str, shard: int) -> str:
-    return storage.join(out, f"{shard_name(shard)}.done")
 
 
 def finished_shards(out: str) -> set[int]:

@@ -27,10 +27,10 @@ from typing import Any
 import torch
 
 from orchestrator import cluster, storage
-from orchestrator.checkpoints import load_resumable_state
+from orchestrator.train.checkpoints import load_resumable_state
 from orchestrator.config import JobConfig, validate_job
-from orchestrator.train_local import build_optimizer, warmup_schedule
-from orchestrator.training import TrainingRun, TrainSummary, tracker_factory, train_loop
+from orchestrator.train.optimizer import build_optimizer, warmup_schedule
+from orchestrator.train.loop import TrainingRun, TrainSummary, tracker_factory, train_loop
 
 logger = logging.getLogger(__name__)
 
@@ -252,7 +252,7 @@ def _forwarded_environment() -> dict[str, str]:
 def run_train_ray(config: JobConfig, callbacks: tuple[Any, ...] = ()) -> TrainSummary:
     """Train with Ray Train + DeepSpeed; re-running the same job (same output_dir and name)
     resumes from its newest checkpoint. `callbacks`: Ray Train callbacks, e.g. the one that
-    forwards reports to a Tune trial (orchestrator.tune)."""
+    forwards reports to a Tune trial (orchestrator.tune.run)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 

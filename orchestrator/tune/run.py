@@ -5,10 +5,10 @@
        │  ── ASHAScheduler on the quick score training reports every train.score_every steps
        └── one Tune function per trial:
              train mode:  builds the trial's job and runs the real trainer, a Ray Train
-                          TorchTrainer + DeepSpeed (orchestrator.train_ray), whose reports reach
+                          TorchTrainer + DeepSpeed (orchestrator.train.ray_backend), whose reports reach
                           Tune through a TuneReportCallback (Train V2's Tune integration); the
                           final score on evaluation.num_samples is the trial's last result
-             sample mode: runs the real evaluator (orchestrator.evaluate) on one checkpoint with
+             sample mode: runs the real evaluator (orchestrator.sample.evaluate) on one checkpoint with
                           the trial's sampler settings
 
 Resources: Tune reserves a trial's driver (driver_cpus); the Train worker group reserves its own
@@ -40,9 +40,9 @@ from typing import Any
 from orchestrator import cluster, storage
 from orchestrator.config import JobConfig, validate_job
 from orchestrator.errors import ConfigError, JobError, ResourceError
-from orchestrator.search_space import RESUMES, RUN_NAME, TRIAL_NUMBER, SearchSpace, run_name, trial_name
-from orchestrator.sweep_config import Sweep
-from orchestrator.sweep_report import INTERRUPTED, TRIAL_RESULT_FILE, SweepSummary, report_sweep
+from orchestrator.tune.space import RESUMES, RUN_NAME, TRIAL_NUMBER, SearchSpace, run_name, trial_name
+from orchestrator.tune.spec import Sweep
+from orchestrator.tune.report import INTERRUPTED, TRIAL_RESULT_FILE, SweepSummary, report_sweep
 from orchestrator.tracking import default_tracking_uri, open_tracker
 
 logger = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def training_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     """A Tune function: the real trainer (Ray Train + DeepSpeed) on the trial's job."""
     from ucgm_core.sampler import count_network_evaluations
 
-    from orchestrator.train_ray import run_train_ray
+    from orchestrator.train.ray_backend import run_train_ray
 
     job = setup.trial_job(config)
     nfe = count_network_evaluations(job.sampler)
@@ -111,7 +111,7 @@ def training_trial(config: dict[str, Any], setup: TrialSetup) -> None:
 def sampling_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     """A Tune function: the real evaluator (Ray Data) on the sweep's checkpoint with the trial's
     sampler settings."""
-    from orchestrator.evaluate import run_evaluate
+    from orchestrator.sample.evaluate import run_evaluate
 
     job = setup.trial_job(config)
     summary = run_evaluate(job)
@@ -224,8 +224,9 @@ def concurrent_trials(sweep: Sweep, resources: TrialResources, remaining: int) -
 def _check_sampling_inputs(sweep: Sweep) -> None:
     """The checkpoint and the reference statistics a sampling sweep scores against exist (and
     match), before any trial starts."""
-    from orchestrator.evaluate import load_reference, reference_path
-    from orchestrator.inference import extractor_spec, read_model_file
+    from orchestrator.sample.reference import load_reference, reference_path
+    from orchestrator.sample.extractors import extractor_spec
+    from orchestrator.sample.model_files import read_model_file
 
     job = validate_job(sweep.job_raw({"evaluation.checkpoint": sweep.checkpoint, "evaluation.reference": sweep.reference}))
     _, contents = read_model_file(job)
@@ -333,7 +334,7 @@ def run_tune(sweep: Sweep) -> SweepSummary:
     cluster.connect(job.distributed.ray_address, (config.max_concurrent_trials or 1) * preview.cpus)
     gpus_per_actor = 0.0
     if config.mode == "sample":
-        from orchestrator.inference import actor_resources
+        from orchestrator.actor_pools import actor_resources
 
         gpus_per_actor = actor_resources(job).gpus
     else:

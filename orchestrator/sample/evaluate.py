@@ -27,7 +27,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -38,24 +37,15 @@ import torch
 
 from orchestrator import storage
 from orchestrator.config import JobConfig
-from orchestrator.errors import ReferenceStatisticsError
-from orchestrator.images import grid_png
-from orchestrator.inference import (
-    DecoderSpec,
-    ExtractorSpec,
-    actor_device,
-    actor_model_file,
-    actor_resources,
-    checkpoint_path,
-    connect,
-    decoder_spec,
-    describe_settings,
-    extractor_spec,
-    read_model_file,
-    sweep_settings,
-)
+from orchestrator.image_grid import grid_png
+from orchestrator.actor_pools import actor_device, actor_resources, connect_for_pool
+from orchestrator.sample.decoder import DecoderSpec, decoder_spec
+from orchestrator.sample.extractors import ExtractorSpec, extractor_spec
+from orchestrator.sample.model_files import actor_model_file, model_file_path, read_model_file
+from orchestrator.sample.reference import load_reference, reference_path
+from orchestrator.sample.sampler_grid import describe_settings, grid_settings
 from orchestrator.tracking import open_tracker
-from ucgm_core.datasets import load_dataset
+from orchestrator.summary import VerbSummary
 from ucgm_core.evaluation import StageTimer, generate
 from ucgm_core.features import is_fid_extractor, quantize_to_uint8
 from ucgm_core.fid import FeatureStatistics, frechet_distance_from_statistics
@@ -68,92 +58,6 @@ STAGES = ("sampling", "features", "statistics")
 
 
 # --------------------------------------------------------------------------- reference statistics
-
-
-def default_reference_path(config: JobConfig, extractor_name: str) -> str:
-    """Where `reference` writes and `evaluate` looks: beside the data when it has a path
-    (`<data.path>-reference-<split>[-size<N>][-limit<N>]-<extractor>.npz`), else under
-    `<output_dir>/reference/`."""
-    data = config.data
-    tag = config.evaluation.reference_split
-    tag += f"-size{data.image_size}" if data.image_size else ""
-    tag += f"-limit{data.limit}" if data.limit else ""
-    if data.path:
-        return f"{data.path.rstrip('/')}-reference-{tag}-{extractor_name}.npz"
-    return storage.join(config.output_dir, "reference", f"{data.name}-{tag}-{extractor_name}.npz")
-
-
-def reference_path(config: JobConfig) -> str:
-    return config.evaluation.reference or default_reference_path(config, config.evaluation.extractor)
-
-
-def save_reference(path: str, statistics: FeatureStatistics, extractor_identifier: str, description: str) -> None:
-    """Write statistics as .npz, with the feature space and the data they describe."""
-    buffer = io.BytesIO()
-    np.savez(
-        buffer,
-        count=np.asarray(statistics.count, dtype=np.int64),
-        feature_sum=statistics.feature_sum,
-        outer_sum=statistics.outer_sum,
-        extractor=np.asarray(extractor_identifier),
-        description=np.asarray(description),
-    )
-    storage.write_bytes(path, buffer.getvalue())
-
-
-def load_reference(path: str, extractor_identifier: str) -> FeatureStatistics:
-    """Statistics written by `reference`; refused when computed with another extractor."""
-    if not storage.exists(path):
-        raise ReferenceStatisticsError(
-            f"no reference statistics at {path!r}; compute them once with "
-            "`python -m orchestrator reference <job.yaml>` (same job spec), or set evaluation.reference"
-        )
-    data = storage.read_bytes(path)
-    statistics = FeatureStatistics.load(io.BytesIO(data))
-    with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
-        stored = str(arrays["extractor"]) if "extractor" in arrays.files else "<not recorded>"
-    if stored != extractor_identifier:
-        raise ReferenceStatisticsError(
-            f"reference statistics {path!r} were computed with {stored}, but this evaluation uses {extractor_identifier}; "
-            "distances across feature spaces mean nothing. Recompute them with `python -m orchestrator reference <job.yaml>`"
-        )
-    return statistics
-
-
-@dataclass
-class ReferenceSummary:
-    path: str
-    count: int
-    extractor: str
-    dataset: str
-    seconds: float
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2)
-
-
-def run_reference(config: JobConfig) -> ReferenceSummary:
-    """Statistics of the job's dataset split in the job's feature space, written to
-    evaluation.reference (default: `default_reference_path`)."""
-    started = time.perf_counter()
-    evaluation = config.evaluation
-    dataset = load_dataset(
-        config.data.name, path=config.data.path, image_size=config.data.image_size, limit=config.data.limit, split=evaluation.reference_split
-    )
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    extractor = extractor_spec(config, dataset.image_shape).build(device)
-    logger.info("reference statistics of %s (%d images) with %s", dataset.name, len(dataset), extractor.identifier())
-    statistics = FeatureStatistics.empty(extractor.feature_dim)
-    from tqdm import tqdm
-
-    for start in tqdm(range(0, len(dataset), evaluation.batch_size), desc="reference", unit="batch"):
-        images = dataset.images[start : start + evaluation.batch_size].to(device)
-        statistics = statistics.merge(FeatureStatistics.from_features(extractor(images)))
-    path = reference_path(config)
-    description = f"{dataset.name} split={evaluation.reference_split} images={len(dataset)} shape={tuple(dataset.image_shape)}"
-    save_reference(path, statistics, extractor.identifier(), description)
-    logger.info("wrote %s", path)
-    return ReferenceSummary(path, statistics.count, extractor.identifier(), description, round(time.perf_counter() - started, 2))
 
 
 # --------------------------------------------------------------------------- the Ray Data stages
@@ -261,7 +165,7 @@ class SettingResult:
 
 
 @dataclass
-class EvaluateSummary:
+class EvaluateSummary(VerbSummary):
     checkpoint: str
     metric: str  # "fid" (Inception) or "frechet_distance" (any other feature space)
     extractor: str
@@ -275,9 +179,6 @@ class EvaluateSummary:
     output_dir: str
     mlflow_run_id: str | None
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2)
-
 
 def run_evaluate(config: JobConfig) -> EvaluateSummary:
     """Score the model file for every sampler setting of the sweep (see the module docstring)."""
@@ -285,7 +186,7 @@ def run_evaluate(config: JobConfig) -> EvaluateSummary:
 
     started = time.perf_counter()
     evaluation = config.evaluation
-    settings = sweep_settings(config)
+    settings = grid_settings(config)
     model_bytes, contents = read_model_file(config)
     image_shape = (contents.in_channels, contents.input_size, contents.input_size)
     decoder = decoder_spec(config, contents)  # latent-space models: samples are decoded to images first
@@ -297,11 +198,11 @@ def run_evaluate(config: JobConfig) -> EvaluateSummary:
     identifier = spec.build("cpu").identifier()
     reference = load_reference(reference_path(config), identifier)
     metric = "fid" if is_fid_extractor(spec.name) else "frechet_distance"
-    checkpoint = checkpoint_path(config)
+    checkpoint = model_file_path(config)
     num_classes = contents.num_classes
     del contents
 
-    connect(config)
+    connect_for_pool(config)
     resources = actor_resources(config)
     model_ref = ray.put(model_bytes)
     del model_bytes

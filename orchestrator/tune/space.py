@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from orchestrator.sweep_config import Choice, Distribution
+from orchestrator.tune.spec import Choice, Distribution
 
 TRIAL_NUMBER = "trial_number"
 RUN_NAME = "run_name"

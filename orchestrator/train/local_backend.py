@@ -12,10 +12,12 @@ from typing import Any
 
 import torch
 
-from orchestrator import checkpoints, storage
+from orchestrator import storage
+from orchestrator.train import checkpoints
 from orchestrator.errors import ResourceError
 from orchestrator.config import JobConfig
-from orchestrator.training import TrainingRun, TrainSummary, tracker_factory, train_loop
+from orchestrator.train.loop import TrainingRun, TrainSummary, tracker_factory, train_loop
+from orchestrator.train.optimizer import build_optimizer, warmup_schedule
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -24,18 +26,6 @@ def resolve_device(choice: str) -> torch.device:
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(choice)
-
-
-def warmup_schedule(warmup_steps: int):
-    """Linear learning-rate warm-up over `warmup_steps` optimiser steps, then constant."""
-    warmup = max(warmup_steps, 1)
-    return lambda step: min(1.0, (step + 1) / warmup)
-
-
-def build_optimizer(parameters, config: JobConfig) -> torch.optim.Optimizer:
-    train = config.train
-    optimizer_class = {"adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}[train.optimizer]
-    return optimizer_class(parameters, lr=train.learning_rate, betas=train.betas, weight_decay=train.weight_decay)
 
 
 class TorchOptimization:
@@ -70,7 +60,7 @@ class TorchOptimization:
 
 
 class RunFolderCheckpointer:
-    """Checkpoints as `<run_dir>/checkpoints/step_XXXXXXXX/state.pt` (see orchestrator.checkpoints)."""
+    """Checkpoints as `<run_dir>/checkpoints/step_XXXXXXXX/state.pt` (see orchestrator.train.checkpoints)."""
 
     def __init__(self, config: JobConfig):
         self.config = config

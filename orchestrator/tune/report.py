@@ -12,7 +12,6 @@ sample count but which never competes for the best trial or the Pareto front.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import json
 import logging
@@ -22,9 +21,10 @@ from typing import Any
 import yaml
 
 from orchestrator import storage
-from orchestrator.search_space import SearchSpace, run_name
-from orchestrator.sweep_config import Sweep
+from orchestrator.tune.space import SearchSpace, run_name
+from orchestrator.tune.spec import Sweep
 from orchestrator.tracking import Tracker
+from orchestrator.summary import VerbSummary
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class TrialRecord:
 
 
 @dataclass
-class SweepSummary:
+class SweepSummary(VerbSummary):
     folder: str
     study: str
     mode: str
@@ -58,9 +58,6 @@ class SweepSummary:
     seconds: float
     mlflow_run_id: str | None
     trials: list[TrialRecord]
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, default=str)
 
 
 def collect_trials(sweep: Sweep, study) -> list[TrialRecord]:

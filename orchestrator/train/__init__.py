@@ -1,0 +1,16 @@
+"""The `train` verb: `run_train` validates and picks the backend (`run.py`); both backends run the
+same loop (`loop.py`) over batches that are a function of the step (`batches.py`).
+
+    run.py            the verb: driver-side checks, then the backend the job asks for
+    loop.py           TrainingRun (data, network, EMA, target network, objective) and train_loop
+    ray_backend.py    Ray Train TorchTrainer workers + a DeepSpeed engine (ZeRO 0-3)
+    local_backend.py  one process, plain torch: the reference the Ray backend is checked against
+    optimizer.py      the torch optimiser and learning-rate warm-up both backends use
+    batches.py        which examples and which random draws a step uses
+    checkpoints.py    run-folder checkpoints of the local backend; what a resume must match
+    pretrained.py     model files a run starts from: train.initialize_from and train.teacher
+"""
+
+from orchestrator.train.run import run_train
+
+__all__ = ["run_train"]
