@@ -13,6 +13,8 @@ from orchestrator.cluster import check_outputs_outlive_the_job
 from orchestrator.config import load_job
 from orchestrator.errors import ConfigError, JobError
 
+logger = logging.getLogger(__name__)
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m orchestrator", description=__doc__.splitlines()[0])
@@ -41,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     stray = [item for item in unparsed if item.startswith("-") or "=" not in item]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
-    args.overrides = expand_shortcuts(args.verb, [*args.overrides, *unparsed])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    args.overrides = expand_shortcuts(args.verb, [*args.overrides, *unparsed])
     if args.verb == "tune":
         return run_tune_verb(args.sweep, args.overrides, args.check)
     try:
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 SAMPLING_VERBS = {
     "evaluate": (
         "Frechet distance / FID of a model file for one or several sampler settings (Ray Data)",
-        "jobs/digits.yaml checkpoint=outputs/digits/model.pt num_samples=5000 'evaluation.sweep=[{steps: 2}, {steps: 8}]'",
+        "jobs/digits.yaml model_file=outputs/digits/model.pt num_samples=5000 'evaluation.sampler_grid=[{steps: 2}, {steps: 8}]'",
     ),
     "reference": ("reference feature statistics of the job's dataset split, stored next to the data", "jobs/digits.yaml split=train"),
     "generate": ("many images from a model file, PNG/parquet shards, resumable (Ray Data)", "jobs/digits.yaml num_samples=50000 out=s3://bucket/samples"),
@@ -90,19 +92,26 @@ SAMPLING_VERBS = {
 
 # Bare keys these verbs accept on the command line, mapped onto their config keys.
 SHORTCUTS = {
-    "evaluate": {"checkpoint": "evaluation.checkpoint", "num_samples": "evaluation.num_samples", "reference": "evaluation.reference"},
-    "reference": {"split": "evaluation.reference_split", "out": "evaluation.reference"},
-    "generate": {"checkpoint": "evaluation.checkpoint", "num_samples": "evaluation.generation.num_samples", "out": "evaluation.generation.out"},
+    "evaluate": {"model_file": "evaluation.model_file", "num_samples": "evaluation.num_samples", "reference": "evaluation.reference_statistics"},
+    "reference": {"split": "evaluation.reference_split", "out": "evaluation.reference_statistics"},
+    "generate": {"model_file": "evaluation.model_file", "num_samples": "evaluation.generation.num_samples", "out": "evaluation.generation.out"},
     "encode": {"vae": "encode.vae", "out": "encode.out"},
 }
 
 
+# Shortcuts renamed with their keys (orchestrator.config.RENAMED_KEYS); they work for one release.
+RENAMED_SHORTCUTS = {"evaluate": {"checkpoint": "model_file"}, "generate": {"checkpoint": "model_file"}}
+
+
 def expand_shortcuts(verb: str, overrides: list[str]) -> list[str]:
     """`num_samples=5000` -> `evaluation.num_samples=5000` (for evaluate), and so on (SHORTCUTS)."""
-    table = SHORTCUTS.get(verb, {})
+    table, renamed = SHORTCUTS.get(verb, {}), RENAMED_SHORTCUTS.get(verb, {})
     expanded = []
     for override in overrides:
         key, sep, value = override.partition("=")
+        if sep and key in renamed:
+            logger.warning("%s %s= is deprecated and will stop working in 0.3; write %s=", verb, key, renamed[key])
+            key = renamed[key]
         expanded.append(f"{table[key]}={value}" if sep and key in table else override)
     return expanded
 

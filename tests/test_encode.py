@@ -194,7 +194,7 @@ def latent_model_job(vae_folder: str, tmp_path: Path, *extra: str):
     model = write_tiny_model_file(tmp_path / "model.pt", input_size=8, in_channels=4)
     common = [
         "tracking.enabled=false", "seed=7", "data.image_size=32", "data.limit=40", f"encode.vae={vae_folder}",
-        f"evaluation.checkpoint={model}", "sampler.steps=2", "evaluation.batch_size=5", f"output_dir={tmp_path / 'runs'}",
+        f"evaluation.model_file={model}", "sampler.steps=2", "evaluation.batch_size=5", f"output_dir={tmp_path / 'runs'}",
     ]
     return load_job(SPEC, [*common, *extra])
 
@@ -233,7 +233,7 @@ def test_evaluate_scores_the_decoded_images_of_a_latent_model_with_inception(vae
     from orchestrator.sample.evaluate import run_evaluate
     from orchestrator.sample.reference import run_reference
 
-    inception = ["evaluation.extractor=inception-v3-tf-pool3", f"evaluation.reference={tmp_path / 'reference.npz'}"]
+    inception = ["evaluation.extractor=inception-v3-tf-pool3", f"evaluation.reference_statistics={tmp_path / 'reference.npz'}"]
     run_reference(latent_model_job(vae_folder, tmp_path, *inception))  # of the 3x32x32 images the latents came from
     # without the decoder this is refused: Inception reads 1- or 3-channel images, the model makes 4
     evaluation = run_evaluate(latent_model_job(vae_folder, tmp_path, *inception, "evaluation.num_samples=10"))

@@ -83,7 +83,7 @@ def test_reference_statistics_remember_their_feature_space(tmp_path):
 
 
 def test_sweep_entries_apply_on_top_of_the_sampler_section():
-    config = load_job(None, ["sampler.steps=7", "sampler.extrapolation=0.2", f"evaluation.sweep={SWEEP}"])
+    config = load_job(None, ["sampler.steps=7", "sampler.extrapolation=0.2", f"evaluation.sampler_grid={SWEEP}"])
     settings = grid_settings(config)
     assert [(s.steps, s.extrapolation, s.stochasticity) for s in settings] == [(2, 0.2, 0.0), (3, 0.3, 0.0), (3, 0.2, 0.5)]
     assert grid_settings(load_job(None, ["sampler.steps=7"])) == [SamplerSettings(steps=7)]
@@ -105,8 +105,8 @@ def evaluation_job(tmp_path_factory):
         "evaluation.batch_size=30",
         "evaluation.grid_size=4",
         "evaluation.cpus_per_actor=1",
-        f"evaluation.sweep={SWEEP}",
-        f"evaluation.checkpoint={model_path}",
+        f"evaluation.sampler_grid={SWEEP}",
+        f"evaluation.model_file={model_path}",
     ]
     config = load_job(SPEC, overrides)
     reference = run_reference(config)
@@ -179,7 +179,7 @@ def test_evaluate_refuses_a_reference_from_another_feature_space_before_starting
     other = str(tmp_path / "other.npz")
     save_reference(other, FeatureStatistics.from_features(np.ones((3, 256))), "some-other-extractor()", "elsewhere")
     with pytest.raises(ReferenceStatisticsError, match="some-other-extractor"):
-        run_evaluate(load_job(SPEC, [*overrides, f"evaluation.reference={other}"]))
+        run_evaluate(load_job(SPEC, [*overrides, f"evaluation.reference_statistics={other}"]))
 
 
 @pytest.mark.slow
@@ -190,7 +190,7 @@ def test_evaluate_with_inception_reports_fid_and_the_weights_hash(tmp_path, ray_
     overrides = [
         f"output_dir={tmp_path}", "tracking.enabled=false", "data.limit=6", "sampler.steps=2", "evaluation.num_samples=6",
         "evaluation.batch_size=3", "evaluation.grid_size=2", "evaluation.extractor=inception-v3-tf-pool3",
-        f"evaluation.checkpoint={write_tiny_model_file(tmp_path / 'model.pt')}",
+        f"evaluation.model_file={write_tiny_model_file(tmp_path / 'model.pt')}",
     ]
     config = load_job(SPEC, overrides)
     reference = run_reference(config)

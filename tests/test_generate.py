@@ -43,7 +43,7 @@ def job(model_path: str, out: str, *extra: str):
             "sampler.steps=3",
             "sampler.stochasticity=0.5",  # fresh noise per step: per-seed streams matter
             "evaluation.batch_size=4",
-            f"evaluation.checkpoint={model_path}",
+            f"evaluation.model_file={model_path}",
             f"evaluation.generation.out={out}",
             *extra,
         ],
@@ -108,7 +108,7 @@ def test_generate_resumes_after_a_kill_without_duplicates_or_gaps(model_path, ra
     out = str(tmp_path / "generated")
     slow = ["evaluation.generation.num_samples=60", "evaluation.generation.shard_size=3", "evaluation.batch_size=3", "sampler.steps=40"]
     command = [sys.executable, "-m", "orchestrator", "generate", SPEC, "tracking.enabled=false", "seed=100", "sampler.stochasticity=0.5",
-               f"checkpoint={model_path}", f"out={out}", f"distributed.ray_address={ray_cluster}", *slow]
+               f"model_file={model_path}", f"out={out}", f"distributed.ray_address={ray_cluster}", *slow]
     log = open(tmp_path / "generate.log", "wb")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:

@@ -198,7 +198,7 @@ def test_a_submitted_training_job_runs_on_the_cluster_resumes_when_resubmitted_a
     status, logs = job_cluster.wait(job_cluster.submit("", "", entrypoint=f"{reference} && {evaluate}"))
     assert status == "SUCCEEDED", logs[-4000:]
     evaluation = json.loads((out / "digits" / "evaluation" / "summary.json").read_text())
-    assert evaluation["checkpoint"] == str(out / "digits" / "model.pt")
+    assert evaluation["model_file"] == str(out / "digits" / "model.pt")
     assert evaluation["results"][0]["count"] == 100 and evaluation["results"][0]["distance"] > 0
 
 
@@ -252,7 +252,7 @@ def test_generate_and_encode_run_as_submitted_jobs_and_skip_finished_shards_when
     from sampling_helpers import write_tiny_model_file
 
     model = write_tiny_model_file(tmp_path / "model.pt")
-    generate = ["tracking.enabled=false", f"checkpoint={model}", f"out={tmp_path / 'generated'}", "num_samples=20",
+    generate = ["tracking.enabled=false", f"model_file={model}", f"out={tmp_path / 'generated'}", "num_samples=20",
                 "evaluation.generation.shard_size=10", "sampler.steps=4"]
     for written in (2, 0):
         status, logs = job_cluster.run("generate", "jobs/digits.yaml", *generate)

@@ -166,7 +166,7 @@ class SettingResult:
 
 @dataclass
 class EvaluateSummary(VerbSummary):
-    checkpoint: str
+    model_file: str
     metric: str  # "fid" (Inception) or "frechet_distance" (any other feature space)
     extractor: str
     reference: str
@@ -198,7 +198,7 @@ def run_evaluate(config: JobConfig) -> EvaluateSummary:
     identifier = spec.build("cpu").identifier()
     reference = load_reference(reference_path(config), identifier)
     metric = "fid" if is_fid_extractor(spec.name) else "frechet_distance"
-    checkpoint = model_file_path(config)
+    model_file = model_file_path(config)
     num_classes = contents.num_classes
     del contents
 
@@ -226,7 +226,7 @@ def run_evaluate(config: JobConfig) -> EvaluateSummary:
     )
     logger.info(
         "evaluating %s: %d samples x %d settings on %d actors (%g CPU, %g GPU each), %s",
-        checkpoint, num_samples, len(settings), resources.count, resources.cpus, resources.gpus, identifier,
+        model_file, num_samples, len(settings), resources.count, resources.cpus, resources.gpus, identifier,
     )
     merged = [FeatureStatistics.empty(reference.dim) for _ in settings]
     grids: list[list[bytes]] = [[] for _ in settings]
@@ -261,7 +261,7 @@ def run_evaluate(config: JobConfig) -> EvaluateSummary:
         )
     seconds = time.perf_counter() - started
     summary = EvaluateSummary(
-        checkpoint=checkpoint,
+        model_file=model_file,
         metric=metric,
         extractor=identifier,
         reference=reference_path(config),
@@ -331,7 +331,7 @@ def _write_outputs(config: JobConfig, summary: EvaluateSummary, spec: ExtractorS
                 "feature_extractor_identifier": summary.extractor,
                 "feature_extractor_weights_sha256": sha,
                 "metric": summary.metric,
-                "checkpoint": summary.checkpoint,
+                "model_file": summary.model_file,
                 "reference": summary.reference,
             }
         )

@@ -17,8 +17,8 @@ from ucgm_core.model_file import ModelFileContents, load_model_file
 
 
 def model_file_path(config: JobConfig) -> str:
-    """The model file to sample from: evaluation.checkpoint, else the run folder's model.pt."""
-    path = config.evaluation.checkpoint or storage.join(config.run_dir, "model.pt")
+    """The model file to sample from: evaluation.model_file, else the run folder's model.pt."""
+    path = config.evaluation.model_file or storage.join(config.run_dir, "model.pt")
     return path if "://" in path else os.path.abspath(path)
 
 
@@ -28,7 +28,7 @@ def read_model_file(config: JobConfig) -> tuple[bytes, ModelFileContents]:
     if not storage.exists(path):
         raise FileNotFoundError(
             f"no model file at {path!r}; train first (python -m orchestrator train <job.yaml>) "
-            "or point checkpoint= at a model.pt written by training (local path or s3://)"
+            "or point model_file= at a model.pt written by training (local path or s3://)"
         )
     data = storage.read_bytes(path)
     return data, load_model_file(io.BytesIO(data))

@@ -37,7 +37,7 @@ def default_reference_path(config: JobConfig, extractor_name: str) -> str:
 
 
 def reference_path(config: JobConfig) -> str:
-    return config.evaluation.reference or default_reference_path(config, config.evaluation.extractor)
+    return config.evaluation.reference_statistics or default_reference_path(config, config.evaluation.extractor)
 
 
 def save_reference(path: str, statistics: FeatureStatistics, extractor_identifier: str, description: str) -> None:
@@ -59,7 +59,7 @@ def load_reference(path: str, extractor_identifier: str) -> FeatureStatistics:
     if not storage.exists(path):
         raise ReferenceStatisticsError(
             f"no reference statistics at {path!r}; compute them once with "
-            "`python -m orchestrator reference <job.yaml>` (same job spec), or set evaluation.reference"
+            "`python -m orchestrator reference <job.yaml>` (same job spec), or set evaluation.reference_statistics"
         )
     data = storage.read_bytes(path)
     statistics = FeatureStatistics.load(io.BytesIO(data))
@@ -84,7 +84,7 @@ class ReferenceSummary(VerbSummary):
 
 def run_reference(config: JobConfig) -> ReferenceSummary:
     """Statistics of the job's dataset split in the job's feature space, written to
-    evaluation.reference (default: `default_reference_path`)."""
+    evaluation.reference_statistics (default: `default_reference_path`)."""
     started = time.perf_counter()
     evaluation = config.evaluation
     dataset = load_dataset(

@@ -16,11 +16,11 @@ def grid_settings(config: JobConfig) -> list[SamplerSettings]:
     sampler section alone when there is no sweep)."""
     base = dataclasses.asdict(config.sampler)
     settings = []
-    for index, override in enumerate(config.evaluation.sweep or ({},)):
+    for index, override in enumerate(config.evaluation.sampler_grid or ({},)):
         try:
             settings.append(SamplerSettings(**{**base, **override}))
         except (TypeError, ValueError) as error:
-            raise ConfigError(f"invalid job config:\n  evaluation.sweep: entry {index} on top of the sampler section: {error}") from None
+            raise ConfigError(f"invalid job config:\n  evaluation.sampler_grid: entry {index} on top of the sampler section: {error}") from None
     return settings
 
 

@@ -109,7 +109,7 @@ def best_job_yaml(sweep: Sweep, best: TrialRecord) -> str:
     raw["output_dir"] = sweep.folder
     verb = "train"
     if sweep.config.mode == "sample":
-        raw.setdefault("evaluation", {}).update(checkpoint=sweep.checkpoint, reference=sweep.reference)
+        raw.setdefault("evaluation", {}).update(model_file=sweep.model_file, reference_statistics=sweep.reference_statistics)
         verb = "evaluate"
     scores = ", ".join(f"{m} {best.values[m]:.6g}" for m in sweep.config.metrics)
     header = (

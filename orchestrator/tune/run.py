@@ -74,7 +74,7 @@ class TrialSetup:
         tracking.update(tracking_uri=self.tracking_uri, experiment=self.experiment, parent_run_id=self.parent_run_id)
         if sweep.config.mode == "sample":
             evaluation = raw.setdefault("evaluation", {})
-            evaluation.update(checkpoint=sweep.checkpoint, reference=sweep.reference, sweep=[], gpus_per_actor=self.gpus_per_actor)
+            evaluation.update(model_file=sweep.model_file, reference_statistics=sweep.reference_statistics, sampler_grid=[], gpus_per_actor=self.gpus_per_actor)
         return validate_job(raw)
 
 
@@ -228,7 +228,7 @@ def _check_sampling_inputs(sweep: Sweep) -> None:
     from orchestrator.sample.extractors import extractor_spec
     from orchestrator.sample.model_files import read_model_file
 
-    job = validate_job(sweep.job_raw({"evaluation.checkpoint": sweep.checkpoint, "evaluation.reference": sweep.reference}))
+    job = validate_job(sweep.job_raw({"evaluation.model_file": sweep.model_file, "evaluation.reference_statistics": sweep.reference_statistics}))
     _, contents = read_model_file(job)
     spec = extractor_spec(job, (contents.in_channels, contents.input_size, contents.input_size))
     load_reference(reference_path(job), spec.build("cpu").identifier())

@@ -37,7 +37,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from orchestrator import storage
-from orchestrator.config import JobConfig, _apply_override, _flatten, validate_job
+from orchestrator.config import JobConfig, apply_override, flatten, migrate_renamed_keys, validate_job
 from orchestrator.errors import ConfigError
 
 METRICS = ("frechet_distance", "nfe", "train_seconds")
@@ -197,12 +197,16 @@ class EarlyStopping(_Spec):
     reduction_factor: float = Field(2.0, gt=1, description="at each rung, the best 1/reduction_factor of the trials go on")
 
 
+# Sweep keys renamed with the job keys they mirror (see orchestrator.config.RENAMED_KEYS).
+RENAMED_SWEEP_KEYS = {"checkpoint": "model_file"}
+
+
 class SweepConfig(_Spec):
     name: str = Field("sweep", min_length=1, description="sweep folder <output_dir>/<name>, Optuna study and MLflow parent run name")
     job: str = Field(..., description="base job spec (YAML), relative to the sweep file")
     job_overrides: dict[str, Any] = Field({}, description="dotted job keys fixed for every trial, e.g. {train.steps: 300}")
-    mode: Literal["train", "sample"] = Field("train", description="train: every trial trains (Ray Train); sample: every trial evaluates `checkpoint`")
-    checkpoint: str | None = Field(None, description="sample mode: the model file; default <base job run_dir>/model.pt")
+    mode: Literal["train", "sample"] = Field("train", description="train: every trial trains (Ray Train); sample: every trial evaluates `model_file`")
+    model_file: str | None = Field(None, description="sample mode: the model file; default <base job run_dir>/model.pt")
     metrics: tuple[Literal["frechet_distance", "nfe", "train_seconds"], ...] = Field(
         ("frechet_distance",), min_length=1, description="minimised; a second one makes the search multi-objective (Pareto front)"
     )
@@ -231,8 +235,8 @@ class SweepConfig(_Spec):
                 raise ValueError(f"space: a sampling-only sweep (mode: sample) searches sampler.* keys only; {others} need training, use mode: train")
             if "train_seconds" in self.metrics:
                 raise ValueError("metrics: train_seconds needs training; a sampling-only sweep (mode: sample) can minimise frechet_distance and nfe")
-        elif self.checkpoint is not None:
-            raise ValueError("checkpoint: only a sampling-only sweep (mode: sample) reads a checkpoint; remove it or set mode: sample")
+        elif self.model_file is not None:
+            raise ValueError("model_file: only a sampling-only sweep (mode: sample) reads a model file; remove it or set mode: sample")
         return self
 
     @property
@@ -257,13 +261,13 @@ class Sweep:
         return max(int(v) for v in steps.extremes()) if steps is not None else self.base_job.train.steps
 
     @property
-    def checkpoint(self) -> str:
+    def model_file(self) -> str:
         """Sample mode: the model file every trial scores (default: the base job's model.pt)."""
-        path = self.config.checkpoint or storage.join(self.base_job.run_dir, "model.pt")
+        path = self.config.model_file or storage.join(self.base_job.run_dir, "model.pt")
         return path if "://" in path else os.path.abspath(path)
 
     @property
-    def reference(self) -> str:
+    def reference_statistics(self) -> str:
         """Sample mode: the reference statistics of the base job (trials write elsewhere, so
         they are told where the base job's are)."""
         from orchestrator.sample.reference import reference_path
@@ -292,7 +296,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     for override in overrides:
         _apply_sweep_override(raw, override)
     try:
-        config = SweepConfig.model_validate(raw)
+        config = SweepConfig.model_validate(migrate_renamed_keys(raw, RENAMED_SWEEP_KEYS, "sweep spec"))
     except ValidationError as error:
         problems = list(dict.fromkeys(_describe(e) for e in error.errors()))
         raise ConfigError("invalid sweep spec:\n  " + "\n  ".join(problems)) from None
@@ -421,8 +425,8 @@ def _value_at(defaults: dict[str, Any], key: str) -> Any:
 
 
 def _job_keys(defaults: dict[str, Any]) -> list[str]:
-    keys = list(_flatten(defaults))
-    for key, value in _flatten(defaults).items():
+    keys = list(flatten(defaults))
+    for key, value in flatten(defaults).items():
         if isinstance(value, list):
             keys += [f"{key}.{index}" for index in range(len(value))]
     return keys
@@ -464,7 +468,7 @@ def _apply_sweep_override(raw: dict[str, Any], override: str) -> None:
                 raise ConfigError(f"override {override!r}: {target} must be a mapping")
             entries[key[len(section) :]] = yaml.safe_load(text) if text else None
             return
-    _apply_override(raw, override)
+    apply_override(raw, override)
 
 
 def _describe(error: dict[str, Any]) -> str:

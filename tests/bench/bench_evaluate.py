@@ -79,7 +79,7 @@ def main() -> None:
         overrides = [
             f"output_dir={tmp}", "tracking.enabled=false", f"sampler.steps={args.steps}",
             f"evaluation.num_samples={args.num_samples}", f"evaluation.batch_size={args.batch_size}",
-            f"evaluation.checkpoint={model}", "evaluation.cpus_per_actor=1",
+            f"evaluation.model_file={model}", "evaluation.cpus_per_actor=1",
         ]
         config = load_job(ROOT / "jobs" / "digits.yaml", overrides)
         run_reference(config)
