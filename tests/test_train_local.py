@@ -97,15 +97,15 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
     whole = run_train(_job(tmp_path / "a", "train.steps=20", "train.checkpoint_every=10", "evaluation.num_samples=50", "tracking.enabled=false"))
     run_train(_job(tmp_path / "b", "train.steps=10", "train.checkpoint_every=10", "evaluation.num_samples=50", "tracking.enabled=false"))
     resumed = run_train(_job(tmp_path / "b", "train.steps=20", "train.checkpoint_every=10", "evaluation.num_samples=50", "tracking.enabled=false"))
-    a = torch.load(Path(whole.run_dir) / "checkpoints/step_00000020/state.pt", weights_only=True)["model"]
-    b = torch.load(Path(resumed.run_dir) / "checkpoints/step_00000020/state.pt", weights_only=True)["model"]
+    a = torch.load(Path(whole.run_dir) / "checkpoints/checkpoint_00000020/state.pt", weights_only=True)["model"]
+    b = torch.load(Path(resumed.run_dir) / "checkpoints/checkpoint_00000020/state.pt", weights_only=True)["model"]
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_checkpoint_of_another_model_size_is_refused_and_left_untouched(tmp_path):
     run_train(_job(tmp_path, "train.steps=5", "train.checkpoint_every=5", "evaluation.num_samples=50", "tracking.enabled=false"))
-    state_file = tmp_path / "out/digits/checkpoints/step_00000005/state.pt"
+    state_file = tmp_path / "out/digits/checkpoints/checkpoint_00000005/state.pt"
     before = state_file.read_bytes()
     with pytest.raises(checkpoints.CheckpointError, match="different 'model' section"):
         run_train(_job(tmp_path, "train.steps=10", "model.depth=2", "evaluation.num_samples=50", "tracking.enabled=false"))
@@ -113,7 +113,7 @@ def test_checkpoint_of_another_model_size_is_refused_and_left_untouched(tmp_path
 
 
 def test_corrupt_checkpoint_gives_a_clear_error(tmp_path):
-    state_file = tmp_path / "out/digits/checkpoints/step_00000005/state.pt"
+    state_file = tmp_path / "out/digits/checkpoints/checkpoint_00000005/state.pt"
     state_file.parent.mkdir(parents=True)
     state_file.write_bytes(b"not a checkpoint")
     with pytest.raises(checkpoints.CheckpointError, match="cannot be read"):

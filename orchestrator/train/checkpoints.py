@@ -1,10 +1,15 @@
-"""Training-state checkpoints of the single-process trainer in a run folder (local or s3://).
+"""Training checkpoints: the folder names both backends use, the local backend's run-folder
+checkpoints, and the one check that a checkpoint can be resumed by a job.
 
-    <run_dir>/checkpoints/step_00000500/state.pt
+Both backends name a checkpoint folder `checkpoint_<step, 8 digits>`:
 
-A checkpoint counts only once its state.pt is completely written (local files are written under
-a temporary name and moved; an object-store PUT is atomic), so an interrupted save never shadows
-the previous checkpoint. Only the newest `keep` are kept.
+    <run_dir>/checkpoint_00000500/            Ray Train + DeepSpeed (Ray writes these)
+    <run_dir>/checkpoints/checkpoint_00000500/state.pt   the single-process backend
+
+A local checkpoint counts only once its state.pt is completely written (local files are written
+under a temporary name and moved; an object-store PUT is atomic), so an interrupted save never
+shadows the previous checkpoint. Only the newest `keep` are kept. Folders named `step_XXXXXXXX`
+(written before 0.2) are still read, and pruned like the others.
 
 `load_resumable_state` is the one check, for both backends, that a checkpoint can be resumed by
 a job: readable, and written for the same model, data and transport.
@@ -25,36 +30,59 @@ from orchestrator.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
-_STEP_FOLDER = re.compile(r"^step_(\d{8})$")
+# `step_` is the local backend's folder name before 0.2, read for one release
+_CHECKPOINT_FOLDER = re.compile(r"^(?:checkpoint|step)_(\d{8})$")
 STATE_FILE = "state.pt"
 
 
+def checkpoint_folder_name(step: int) -> str:
+    return f"checkpoint_{step:08d}"
+
+
+def checkpoint_folders(parent: str) -> dict[int, str]:
+    """The checkpoint folders directly under `parent`, by step (new names win over old ones)."""
+    found: dict[int, str] = {}
+    for name in storage.list_names(parent):
+        match = _CHECKPOINT_FOLDER.match(name)
+        if match and (int(match.group(1)) not in found or name.startswith("checkpoint_")):
+            found[int(match.group(1))] = storage.join(parent, name)
+    return found
+
+
+def latest_checkpoint(parent: str) -> tuple[int, str] | None:
+    """(step, folder) of the newest checkpoint folder under `parent`, or None."""
+    folders = checkpoint_folders(parent)
+    if not folders:
+        return None
+    step = max(folders)
+    return step, folders[step]
+
+
 def checkpoint_root(run_dir: str) -> str:
+    """Where the single-process backend keeps its checkpoints."""
     return storage.join(run_dir, "checkpoints")
 
 
 def saved_steps(run_dir: str) -> list[int]:
-    root = checkpoint_root(run_dir)
-    steps = []
-    for name in storage.list_names(root):
-        match = _STEP_FOLDER.match(name)
-        if match and storage.exists(storage.join(root, name, STATE_FILE)):
-            steps.append(int(match.group(1)))
-    return sorted(steps)
+    """Steps of the single-process backend's complete checkpoints (their state.pt written)."""
+    folders = checkpoint_folders(checkpoint_root(run_dir))
+    return sorted(step for step, folder in folders.items() if storage.exists(storage.join(folder, STATE_FILE)))
 
 
-def latest_checkpoint(run_dir: str) -> str | None:
+def latest_local_checkpoint(run_dir: str) -> str | None:
+    """The single-process backend's newest complete checkpoint folder, or None."""
     steps = saved_steps(run_dir)
-    return storage.join(checkpoint_root(run_dir), f"step_{steps[-1]:08d}") if steps else None
+    return checkpoint_folders(checkpoint_root(run_dir))[steps[-1]] if steps else None
 
 
 def save_checkpoint(run_dir: str, step: int, state: dict[str, Any], keep: int) -> str:
-    folder = storage.join(checkpoint_root(run_dir), f"step_{step:08d}")
+    folder = storage.join(checkpoint_root(run_dir), checkpoint_folder_name(step))
     buffer = io.BytesIO()
     torch.save(state, buffer)
     storage.write_bytes(storage.join(folder, STATE_FILE), buffer.getvalue())
+    folders = checkpoint_folders(checkpoint_root(run_dir))
     for old in saved_steps(run_dir)[:-keep]:
-        storage.remove(storage.join(checkpoint_root(run_dir), f"step_{old:08d}"))
+        storage.remove(folders[old])
     logger.info("checkpoint step %d -> %s", step, folder)
     return folder
 

@@ -60,13 +60,13 @@ class TorchOptimization:
 
 
 class RunFolderCheckpointer:
-    """Checkpoints as `<run_dir>/checkpoints/step_XXXXXXXX/state.pt` (see orchestrator.train.checkpoints)."""
+    """Checkpoints as `<run_dir>/checkpoints/checkpoint_XXXXXXXX/state.pt` (see orchestrator.train.checkpoints)."""
 
     def __init__(self, config: JobConfig):
         self.config = config
 
     def restore(self, run: TrainingRun, optimization: TorchOptimization) -> dict[str, Any] | None:
-        latest = checkpoints.latest_checkpoint(self.config.run_dir)
+        latest = checkpoints.latest_local_checkpoint(self.config.run_dir)
         if latest is None:
             return None
         state = checkpoints.load_resumable_state(latest, self.config)

@@ -20,14 +20,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import tempfile
 from typing import Any
 
 import torch
 
 from orchestrator import cluster, storage
-from orchestrator.train.checkpoints import load_resumable_state
+from orchestrator.train.checkpoints import checkpoint_folder_name, latest_checkpoint, load_resumable_state
 from orchestrator.config import JobConfig, validate_job
 from orchestrator.train.optimizer import build_optimizer, warmup_schedule
 from orchestrator.train.loop import TrainingRun, TrainSummary, tracker_factory, train_loop
@@ -36,7 +35,6 @@ logger = logging.getLogger(__name__)
 
 UCGM_STATE_FILE = "ucgm_state.pt"
 DEEPSPEED_TAG = "state"
-_CHECKPOINT_FOLDER = re.compile(r"^checkpoint_(\d{8})$")
 
 # Read by Ray Train's controller and workers at start. The health-check interval is how often the
 # controller polls worker reports; its default (2 s) would make every report a 2 s stall. Worker
@@ -152,10 +150,10 @@ class RayCheckpointer:
             ray.train.report(
                 dict(metrics),
                 checkpoint=Checkpoint.from_directory(folder),
-                checkpoint_dir_name=f"checkpoint_{run.step:08d}",
+                checkpoint_dir_name=checkpoint_folder_name(run.step),
             )
         if run.rank == 0:
-            logger.info("checkpoint step %d -> %s", run.step, storage.join(self.config.run_dir, f"checkpoint_{run.step:08d}"))
+            logger.info("checkpoint step %d -> %s", run.step, storage.join(self.config.run_dir, checkpoint_folder_name(run.step)))
 
     def report(self, metrics: dict[str, float]) -> None:
         import ray.train
@@ -203,21 +201,13 @@ def _absolute_locations(config: JobConfig) -> JobConfig:
     return config.model_copy(update=updates)
 
 
-def newest_checkpoint(run_dir: str) -> tuple[int, str] | None:
-    steps = [int(m.group(1)) for name in storage.list_names(run_dir) if (m := _CHECKPOINT_FOLDER.match(name))]
-    if not steps:
-        return None
-    step = max(steps)
-    return step, storage.join(run_dir, f"checkpoint_{step:08d}")
-
-
 def check_resumable(config: JobConfig) -> None:
     """Refuse, before any worker starts, a run folder whose newest checkpoint this job cannot
     resume (unreadable, or written for another model/data/transport); nothing is changed."""
-    newest = newest_checkpoint(config.run_dir)
-    if newest is None:
+    latest = latest_checkpoint(config.run_dir)
+    if latest is None:
         return
-    load_resumable_state(newest[1], config, UCGM_STATE_FILE)
+    load_resumable_state(latest[1], config, UCGM_STATE_FILE)
 
 
 def connect(config: JobConfig) -> None:
