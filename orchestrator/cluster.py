@@ -13,8 +13,7 @@ import logging
 import math
 import os
 
-from orchestrator.config import JobConfig
-from orchestrator.errors import ConfigError, ResourceError
+from orchestrator.errors import ResourceError
 
 # Set by Ray's job server in the environment of every job driver it starts.
 _SUBMITTED_JOB_VARIABLE = "RAY_JOB_CONFIG_JSON_ENV_VAR"
@@ -47,40 +46,6 @@ def connect(address: str | None, cpus_needed: float) -> None:
 def in_submitted_job() -> bool:
     """True in the driver of a job started by `ray job submit` / a RayJob."""
     return _SUBMITTED_JOB_VARIABLE in os.environ
-
-
-def output_locations(config: JobConfig, verb: str) -> dict[str, str]:
-    """Where a verb writes, by config key: its run folder or explicit output, the MLflow store."""
-    evaluation = config.evaluation
-    explicit = {
-        "generate": ("evaluation.generation.out", evaluation.generation.out),
-        "encode": ("encode.out", config.encode.out),
-        # without an explicit file, reference statistics go beside the data, else under output_dir
-        "reference": ("evaluation.reference_statistics", evaluation.reference_statistics) if evaluation.reference_statistics else ("data.path", config.data.path),
-    }
-    key, path = explicit.get(verb, ("output_dir", None))
-    locations = {key: path} if path else {"output_dir": config.output_dir}
-    if config.tracking.enabled and verb in ("train", "evaluate"):
-        uri = config.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "mlruns/mlflow.db"
-        locations["tracking.tracking_uri (or MLFLOW_TRACKING_URI)"] = uri.removeprefix("sqlite:///")
-    return locations
-
-
-def check_outputs_outlive_the_job(config: JobConfig, verb: str) -> None:
-    """In a submitted job, refuse relative local output locations: they would resolve inside
-    Ray's temporary copy of the working directory, which goes with the cluster's session and
-    which a re-submitted job (new code, new copy) does not see, so its checkpoints would be lost
-    and the job would start over instead of resuming. Raised before any cluster work."""
-    if not in_submitted_job():
-        return
-    relative = {key: path for key, path in output_locations(config, verb).items() if "://" not in path and not os.path.isabs(path)}
-    if relative:
-        listed = "\n  ".join(
-            f"{key}: {path!r} is relative, so in a submitted job it would land in the job's temporary copy of the working "
-            f"directory ({os.getcwd()}); pass an absolute path on storage every node sees, or s3://bucket/prefix"
-            for key, path in relative.items()
-        )
-        raise ConfigError(f"invalid job config:\n  {listed}")
 
 
 def capacity() -> tuple[dict[str, float], dict[str, float]]:

@@ -23,9 +23,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from orchestrator.errors import ConfigError
 from ucgm_core.dit import DiTSettings
-from ucgm_core.objective import ObjectiveSettings
 from ucgm_core.sampler import SamplerSettings
-from ucgm_core.systems import SYSTEM_SETTINGS, needs_teacher, transport_problem
+from ucgm_core.systems import SYSTEMS, ObjectiveSettings, needs_teacher, transport_problem
 from ucgm_core.time_distributions import TIME_DISTRIBUTIONS
 from ucgm_core.transports import TRANSPORTS
 
@@ -33,7 +32,7 @@ from ucgm_core.transports import TRANSPORTS
 logger = logging.getLogger(__name__)
 
 # `objective:` holds UCGM-T's settings or one of the seed systems', chosen by `kind:` (ucgm default).
-OBJECTIVE_KINDS: dict[str, type] = {"ucgm": ObjectiveSettings, **SYSTEM_SETTINGS}
+OBJECTIVE_KINDS: dict[str, type] = {kind: record.settings for kind, record in SYSTEMS.items()}
 
 
 def _default_objective_kind(value: Any) -> Any:
@@ -216,11 +215,11 @@ class JobConfig(_Section):
             )
         if needs_teacher(objective) and self.train.teacher is None:
             raise ValueError(
-                f"train.teacher: objective kind {kind!r} with mode 'distillation' needs a teacher model file "
-                "(a multi-step model of the same transport); set train.teacher: <path or s3:// URI>, or objective.mode: training"
+                f"train.teacher: objective kind {kind!r} with distillation: true needs a teacher model file "
+                "(a multi-step model of the same transport); set train.teacher: <path or s3:// URI>, or objective.distillation: false"
             )
         if not needs_teacher(objective) and self.train.teacher is not None:
-            raise ValueError("train.teacher: only distillation objectives (objective.mode: distillation) use a teacher; remove it")
+            raise ValueError("train.teacher: only distillation objectives (objective.distillation: true) use a teacher; remove it")
         return self
 
     @model_validator(mode="after")
@@ -285,7 +284,7 @@ def migrate_renamed_keys(raw: dict[str, Any], renamed: dict[str, str] = RENAMED_
         if not isinstance(node, dict) or leaf not in node:
             continue
         new_leaf = new.rsplit(".", 1)[-1]
-        if new_leaf in node:
+        if node.get(new_leaf) is not None:  # a new key left at null (a spec's default) yields to the old one
             raise ConfigError(f"invalid {what}:\n  {old}: renamed to {new}, and both are set; keep only {new}")
         logger.warning("%s: %s is deprecated and will stop working in 0.3; rename it to %s", what, old, new)
         node[new_leaf] = node.pop(leaf)
@@ -311,7 +310,7 @@ def validate_job(raw: dict[str, Any]) -> JobConfig:
     except ValidationError as error:
         errors = _errors_of_chosen_kind([_without_objective_tag(e) for e in error.errors()], raw)
         problems = list(dict.fromkeys(_describe(e) for e in errors))
-        raise ConfigError("invalid job config:\n  " + "\n  ".join(problems)) from None
+        raise ConfigError.of_job(problems) from None
 
 
 # Sections that hold one of several settings classes choose it with `kind:` (time distributions).

@@ -7,9 +7,13 @@ parameters, so two runs never mix.
 
 from __future__ import annotations
 
+import io
 import json
 import re
+import time
 from typing import Any
+
+import numpy as np
 
 from orchestrator import storage
 from orchestrator.errors import JobError
@@ -70,3 +74,41 @@ def write_shards(writer: type, pending: list[int], writer_arguments: dict[str, A
             written += int(row["count"])
             progress.update(1)
     return written
+
+
+def shard_span(shard: int, shard_size: int, total: int) -> tuple[int, int]:
+    """[first, last) item indices of `shard` when `total` items are cut into shards of `shard_size`."""
+    first = shard * shard_size
+    return first, min(first + shard_size, total)
+
+
+def write_parquet(path: str, columns: dict[str, Any]) -> None:
+    """One parquet file of pyarrow arrays, written whole (a reader never sees half a shard)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buffer = io.BytesIO()
+    pq.write_table(pa.table(columns), buffer)
+    storage.write_bytes(path, buffer.getvalue())
+
+
+def mark_done(out: str, shard: int, manifest: dict[str, Any]) -> None:
+    """The shard's `.done` marker, written after everything else of the shard."""
+    storage.write_bytes(storage.join(out, f"{shard_name(shard)}.done"), json.dumps({"shard": shard, **manifest}).encode())
+
+
+class ShardActor:
+    """Base of the Ray Data actors that write one shard per input row (`generate`, `encode`):
+    the loop over a batch of shard numbers and its timings; subclasses write one shard in
+    `write_shard(shard) -> items written`, marker last (`mark_done`)."""
+
+    def write_shard(self, shard: int) -> int:
+        raise NotImplementedError
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        counts, seconds = [], []
+        for shard in batch["shard"]:
+            started = time.perf_counter()
+            counts.append(self.write_shard(int(shard)))
+            seconds.append(time.perf_counter() - started)
+        return {"shard": np.asarray(batch["shard"], dtype=np.int64), "count": np.asarray(counts, dtype=np.int64), "seconds": np.asarray(seconds)}

@@ -22,14 +22,36 @@ def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
 
 
+def is_uri(path: str) -> bool:
+    """True for object-store and other fsspec URIs (`s3://bucket/key`), False for local paths."""
+    return "://" in path
+
+
+def absolute(path: str) -> str:
+    """A local path made absolute against the working directory (`~` expanded); a URI unchanged.
+    Ray workers, actors and trials run in other working directories, so a relative path means
+    the caller's directory only once it is made absolute where the caller runs."""
+    return path if is_uri(path) else os.path.abspath(os.path.expanduser(path))
+
+
 def check_writable(folder: str) -> None:
-    """Create `folder` if needed and prove it takes a write, before any expensive work starts."""
+    """Prove that `folder` takes a write, before any expensive work starts. A local folder is not
+    created: its nearest existing ancestor must be a folder this user may write to (so a refused
+    job leaves nothing behind); an object store gets a probe object, written and removed."""
+    if not is_uri(folder):
+        existing = os.path.abspath(folder)
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+            what = "is not a folder" if not os.path.isdir(existing) else "is not writable by this user"
+            raise StorageError(f"cannot write to {folder!r}: {existing!r} {what}; check that the path is a writable folder")
+        return
     probe = join(folder, ".ucgm-write-check")
     try:
         write_bytes(probe, b"ok")
         remove(probe)
     except Exception as error:  # any backend's failure means the same thing to the user
-        hint = "the bucket exists and AWS_* credentials / AWS_ENDPOINT_URL are set" if "://" in folder else "the path is a writable folder"
+        hint = "the bucket exists and AWS_* credentials / AWS_ENDPOINT_URL are set" if is_uri(folder) else "the path is a writable folder"
         raise StorageError(f"cannot write to {folder!r} ({type(error).__name__}: {error}); check that {hint}") from None
 
 

@@ -57,8 +57,26 @@ class NullTracker:
         return 0
 
 
+_SQLITE = "sqlite:///"
+
+
 def default_tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///" + str(Path("mlruns").resolve() / "mlflow.db")
+    return os.environ.get("MLFLOW_TRACKING_URI") or _SQLITE + str(Path("mlruns").resolve() / "mlflow.db")
+
+
+def absolute_tracking_uri(uri: str | None) -> str:
+    """`uri` (None: the default) with a relative SQLite file made absolute against the working
+    directory, so that Ray workers elsewhere write to the same store; other URIs unchanged.
+    (`sqlite:///relative.db` is relative, `sqlite:////abs/olute.db` absolute.)"""
+    uri = uri or default_tracking_uri()
+    if uri.startswith(_SQLITE) and not uri.startswith(_SQLITE + "/"):
+        uri = _SQLITE + os.path.abspath(uri.removeprefix(_SQLITE))
+    return uri
+
+
+def sqlite_file(uri: str) -> str | None:
+    """The database file of a SQLite tracking URI, else None."""
+    return uri.removeprefix(_SQLITE) if uri.startswith(_SQLITE) else None
 
 
 class MlflowTracker:
@@ -76,8 +94,8 @@ class MlflowTracker:
         from mlflow.tracking import MlflowClient
 
         uri = tracking_uri or default_tracking_uri()
-        if uri.startswith("sqlite:///"):
-            Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        if database := sqlite_file(uri):
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
         self.tracking_uri = uri
         self._client = MlflowClient(tracking_uri=uri)
         if run_id is not None:
@@ -93,8 +111,8 @@ class MlflowTracker:
         if existing is not None:
             return existing.experiment_id
         artifact_location = None
-        if uri.startswith("sqlite:///"):  # keep artifacts beside the local database
-            artifact_location = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
+        if database := sqlite_file(uri):  # keep artifacts beside the local database
+            artifact_location = (Path(database).parent / "artifacts").as_uri()
         return self._client.create_experiment(name, artifact_location=artifact_location)
 
     def log_params(self, params: dict[str, Any]) -> None:

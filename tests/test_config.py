@@ -75,7 +75,8 @@ def test_cli_rejects_a_bad_config_before_any_work(tmp_path, capsys):
     assert not output.exists()
 
 
-def test_cli_check_prints_the_resolved_config(capsys):
+def test_cli_check_prints_the_resolved_config(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # --check proves the run folder writable, creating it: not in the repository
     assert main(["train", str(ROOT / "jobs/digits.yaml"), "--check", "train.steps=3"]) == 0
     assert "steps: 3" in capsys.readouterr().out
 

@@ -16,6 +16,7 @@ from orchestrator import storage
 from orchestrator.config import load_job
 from orchestrator.encode.run import EncodingMismatchError, finished_shards, run_encode
 from orchestrator.errors import ConfigError, JobError, ResourceError
+from orchestrator.job_checks import check_job
 from sampling_helpers import ray_cluster  # noqa: F401  (a fixture)
 from ucgm_core.datasets import load_dataset
 
@@ -175,8 +176,14 @@ def test_encode_reads_the_vae_from_s3_and_writes_latents_there(vae_folder, s3_bu
 
 
 def test_encode_refuses_impossible_jobs_before_cluster_work(vae_folder, ray_cluster, tmp_path):
-    with pytest.raises(ConfigError, match="encode.vae"):
-        run_encode(load_job(SPEC, ["tracking.enabled=false", f"encode.out={tmp_path}"]))
+    # the driver's check (what the CLI runs first) ...
+    with pytest.raises(ConfigError, match="encode.vae: encode needs the VAE"):
+        check_job(load_job(SPEC, ["tracking.enabled=false", f"encode.out={tmp_path}"]), "encode")
+    with pytest.raises(ConfigError, match="data.image_size.*divide by 4"):
+        check_job(job(vae_folder, str(tmp_path / "a"), "data.image_size=30"), "encode")
+    with pytest.raises(ConfigError, match="encode.vae: no config.json"):
+        check_job(job(str(tmp_path / "no-vae"), str(tmp_path / "b")), "encode")
+    # ... and the verb itself, before its actors start
     with pytest.raises(ConfigError, match="data.image_size.*divide by 4"):
         run_encode(job(vae_folder, str(tmp_path / "a"), "data.image_size=30"))
     with pytest.raises(FileNotFoundError, match="config.json"):

@@ -6,9 +6,11 @@
   the `kubernetes-validate` package (strict flavour: unknown fields are errors); Secret and
   ConfigMap against those Kubernetes schemas directly. Then what no schema knows: every RayJob
   runs a command the CLI accepts, its job fits the cluster it brings up, all pods share image,
-  Ray version and credentials wiring, credentials only come from the Secret.
+  Ray version and credentials wiring, credentials only come from the Secret, and every cluster
+  requires Ray's token (authOptions) and keeps its dashboard inside Kubernetes.
 - The Ray cluster launcher config (infra/cluster-launcher/aws.yaml) against the JSON schema that
-  ships inside the installed Ray (`ray/autoscaler/ray-schema.json`) and the checks `ray up` runs.
+  ships inside the installed Ray (`ray/autoscaler/ray-schema.json`) and the checks `ray up` runs;
+  every node starts Ray with token authentication, the token from outside the repository.
 - The image definition (infra/Dockerfile): statically always; built only where a builder works.
 
 Each schema check has a counterpart that feeds it a real mistake and expects it refused.
@@ -40,7 +42,9 @@ from referencing import Registry, Resource
 from orchestrator.cli import main as cli_main
 from orchestrator.cli import expand_shortcuts
 from orchestrator.config import load_job
+from orchestrator.job_checks import LOCATION_KEYS
 from orchestrator.tune.spec import load_sweep
+from test_job_specs import refused_keys
 
 try:
     import tomllib
@@ -64,6 +68,8 @@ VERBS = {"train", "tune", "reference", "evaluate", "generate"}
 SECRET_NAME = "ucgm-credentials"
 SETTINGS_NAME = "ucgm-settings"
 SECRET_LOOKING = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|CREDENTIAL", re.IGNORECASE)
+# KubeRay (>= 1.5.1) turns authOptions into Ray token authentication only for a Ray that has it
+OLDEST_RAY_WITH_TOKEN_AUTH = Version("2.52.0")
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -197,6 +203,14 @@ def _shutdown_a_selected_cluster(job):
     job["spec"]["clusterSelector"] = {"ray.io/cluster": "ucgm-ray"}
 
 
+def _capitalised_auth_mode(job):
+    job["spec"]["rayClusterSpec"]["authOptions"] = {"mode": "Token"}
+
+
+def _auth_options_on_the_job(job):
+    job["spec"]["authOptions"] = job["spec"]["rayClusterSpec"].pop("authOptions")
+
+
 def _gpu_limit_in_the_wrong_place(job):
     _worker_container(job)["resources"] = copy.deepcopy(_worker_container(job)["resources"])
     _worker_container(job)["resources"]["limit"] = _worker_container(job)["resources"].pop("limits")
@@ -215,6 +229,8 @@ RAYJOB_MISTAKES = {  # mistake: (how to make it, what the error must say)
     "no entrypoint": (_drop_entrypoint, "spec: 'entrypoint' is a required property"),
     "deleting a cluster the job did not create": (_shutdown_a_selected_cluster, "should not be valid under"),
     "limit instead of limits (Kubernetes schema)": (_gpu_limit_in_the_wrong_place, "resources: Additional properties are not allowed ('limit' was unexpected)"),
+    "auth mode Token": (_capitalised_auth_mode, "authOptions.mode: 'Token' is not one of ['disabled', 'token']"),
+    "authOptions outside rayClusterSpec": (_auth_options_on_the_job, "spec: Additional properties are not allowed ('authOptions' was unexpected)"),
 }
 
 
@@ -300,7 +316,12 @@ def test_rayjob_entrypoint_is_a_command_the_cli_accepts(name, monkeypatch, capsy
         code = cli_main([verb, spec, *overrides, "--check"])
     except SystemExit as exit_:  # argparse: an unknown verb or flag
         raise AssertionError(f"{RAYJOBS[name]['spec']['entrypoint']!r} exits with {exit_.code}: {capsys.readouterr().err}") from None
-    assert code == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    if code == 2 and verb != "tune":
+        # the cluster's bucket is not reachable from here: --check may refuse its locations, nothing else
+        assert refused_keys(err) <= set(LOCATION_KEYS), err
+        return
+    assert code == 0, err
 
 
 def test_every_rayjob_uses_the_same_shared_output_dir():
@@ -480,6 +501,86 @@ def test_credentials_live_only_in_the_secret_and_the_example_holds_placeholders(
             assert not literal, literal
 
 
+# --------------------------------------------------------------------------------------------- KubeRay: token authentication
+
+
+def auth_problems(cluster_spec: dict) -> list[str]:
+    """Why the cluster of a RayCluster or RayJob could be used without its Ray token: anyone who
+    reaches an unauthenticated dashboard submits jobs, that is, runs code with the pods' credentials."""
+    problems = []
+    auth = cluster_spec.get("authOptions") or {}
+    if auth.get("mode") != "token":
+        problems.append(f"authOptions.mode is {auth.get('mode')!r}, not 'token': the dashboard would take jobs from anyone")
+    if auth.get("enableK8sTokenAuth"):
+        problems.append("authOptions.enableK8sTokenAuth: KubeRay refuses it in RayJobs, and it needs RBAC this repository does not ship")
+    version = cluster_spec.get("rayVersion")
+    if version is None or Version(version) < OLDEST_RAY_WITH_TOKEN_AUTH:
+        problems.append(f"rayVersion {version!r}: KubeRay applies authOptions only for Ray >= {OLDEST_RAY_WITH_TOKEN_AUTH}")
+    head = cluster_spec["headGroupSpec"]
+    service_types = {head.get("serviceType", "ClusterIP"), head.get("headService", {}).get("spec", {}).get("type", "ClusterIP")}
+    if service_types != {"ClusterIP"} or head.get("enableIngress"):
+        problems.append(f"head Service {sorted(service_types)}, ingress {head.get('enableIngress', False)}: the dashboard must stay inside Kubernetes (kubectl port-forward)")
+    # KubeRay sets RAY_AUTH_MODE only where a container does not set it already
+    containers = [*_ray_containers(cluster_spec), {"name": "autoscaler", **cluster_spec.get("autoscalerOptions", {})}]
+    for container in containers:
+        for variable in container.get("env", []):
+            if variable["name"] == "RAY_AUTH_MODE" and variable.get("value") != "token":
+                problems.append(f"{container['name']}: RAY_AUTH_MODE={variable.get('value')!r} overrides authOptions")
+            if variable["name"] == "RAY_AUTH_TOKEN" and "value" in variable:
+                problems.append(f"{container['name']}: a literal RAY_AUTH_TOKEN would be committed with the manifest")
+    return problems
+
+
+@pytest.mark.parametrize("where", list(_cluster_specs()))
+def test_every_cluster_we_ship_requires_the_ray_token_and_keeps_its_dashboard_inside_kubernetes(where):
+    assert auth_problems(_cluster_specs()[where]) == []
+
+
+def _without_auth(spec):
+    del spec["authOptions"]
+
+
+def _container_env(spec, which: int = 0) -> list[dict]:
+    container = _ray_containers(spec)[which]
+    container["env"] = copy.deepcopy(container["env"])
+    return container["env"]
+
+
+AUTH_MISTAKES = {  # mistake: (how to make it in a cluster spec, what the check must say)
+    "no authOptions": (_without_auth, "not 'token'"),
+    "auth mode disabled": (lambda s: s["authOptions"].update(mode="disabled"), "not 'token'"),
+    "Kubernetes-delegated auth": (lambda s: s["authOptions"].update(enableK8sTokenAuth=True), "enableK8sTokenAuth"),
+    "a Ray without token auth": (lambda s: s.update(rayVersion="2.51.0"), "Ray >= 2.52.0"),
+    "no rayVersion": (lambda s: s.pop("rayVersion"), "rayVersion None"),
+    "a LoadBalancer for the head": (lambda s: s["headGroupSpec"].update(serviceType="LoadBalancer"), "inside Kubernetes"),
+    "an ingress to the dashboard": (lambda s: s["headGroupSpec"].update(enableIngress=True), "inside Kubernetes"),
+    "a worker turning auth off": (lambda s: _container_env(s, 1).append({"name": "RAY_AUTH_MODE", "value": "disabled"}), "ray-worker: RAY_AUTH_MODE='disabled'"),
+    "the autoscaler turning auth off": (lambda s: s["autoscalerOptions"].update(env=[{"name": "RAY_AUTH_MODE", "value": "disabled"}]), "autoscaler: RAY_AUTH_MODE"),
+    "a token in the manifest": (lambda s: _container_env(s).append({"name": "RAY_AUTH_TOKEN", "value": "0123abcd"}), "literal RAY_AUTH_TOKEN"),
+}
+
+
+@pytest.mark.parametrize("kind", ["RayJob", "RayCluster"])
+@pytest.mark.parametrize("mistake", list(AUTH_MISTAKES))
+def test_auth_check_refuses_a_cluster_that_anyone_could_use(mistake, kind):
+    spec = copy.deepcopy(_rayjob()["spec"]["rayClusterSpec"] if kind == "RayJob" else RAYCLUSTER["spec"])
+    assert auth_problems(spec) == []
+    mutate, named = AUTH_MISTAKES[mistake]
+    mutate(spec)
+    problems = auth_problems(spec)
+    assert any(named in problem for problem in problems), problems
+
+
+def test_the_schema_takes_kuberays_auth_fields_where_the_api_reference_puts_them(kuberay_registry, kubernetes_version):
+    """secretName (a Secret of your own, key auth_token) is the documented alternative to the
+    generated token; both it and the generated form must pass the ray.io/v1 schema."""
+    cluster = copy.deepcopy(RAYCLUSTER)
+    cluster["spec"]["authOptions"] = {"mode": "token", "secretName": "ucgm-ray-auth"}
+    assert schema_errors(cluster, kuberay_registry, kubernetes_version) == []
+    cluster["spec"]["authOptions"] = {"mode": "token", "secret": "ucgm-ray-auth"}
+    assert any("('secret' was unexpected)" in e for e in schema_errors(cluster, kuberay_registry, kubernetes_version))
+
+
 # --------------------------------------------------------------------------------------------- cluster launcher
 
 
@@ -537,6 +638,74 @@ def test_cluster_launcher_runs_the_kuberay_image_and_keeps_settings_outside_the_
     for remote, local in config["file_mounts"].items():
         assert local.startswith("~/"), f"{remote} is synced from {local}; settings with tokens stay outside the repository"
         assert all(remote in command for command in config["head_start_ray_commands"][1:] + config["worker_start_ray_commands"][1:])
+
+
+# Where the launcher config puts the cluster's token on every node: Ray's default token file of the
+# image's user (~/.ray/auth_token), also named by RAY_AUTH_TOKEN_PATH in the start commands.
+LAUNCHER_TOKEN_FILE = "/home/ray/.ray/auth_token"
+
+
+def launcher_auth_problems(config: dict) -> list[str]:
+    """Why a node of the launcher's cluster could start Ray without token authentication, or the
+    token could come from the repository, or the dashboard be reachable from outside unguarded."""
+    problems = []
+    source = config.get("file_mounts", {}).get(LAUNCHER_TOKEN_FILE)
+    if source is None:
+        problems.append(f"no file_mounts entry puts the cluster's token at {LAUNCHER_TOKEN_FILE}")
+    elif not source.startswith("~/"):
+        problems.append(f"the token is copied from {source}: it must come from outside the repository (~/...)")
+    enable = f"export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={LAUNCHER_TOKEN_FILE} &&"
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        for command in (c for c in config[key] if "ray start" in c):
+            position = command.find(enable)
+            # after the env file is read (it cannot undo it), before Ray starts
+            if not command.find(". /home/ray/.ucgm-ray.env") < position < command.find("ray start"):
+                problems.append(f"{key}: `ray start` does not run after `{enable}`")
+            if set(re.findall(r"RAY_AUTH_MODE=(\S+)", command)) != {"token"}:
+                problems.append(f"{key}: sets RAY_AUTH_MODE to something other than token")
+    # The dashboard listens on every interface of the head (actors on other nodes query it). The
+    # launcher's own security group lets only SSH in from outside; anything more opens it.
+    rules = config["provider"].get("security_group", {}).get("IpPermissions", [])
+    if any((rule.get("FromPort"), rule.get("ToPort")) != (22, 22) for rule in rules):
+        problems.append("provider.security_group opens ports besides SSH: the dashboard must be reached through `ray dashboard`")
+    for name, node_type in config["available_node_types"].items():
+        if "SecurityGroupIds" in node_type["node_config"]:
+            problems.append(f"{name}: own SecurityGroupIds replace the launcher's SSH-only group")
+    return problems
+
+
+def test_cluster_launcher_starts_every_node_with_token_auth_and_the_token_from_outside_the_repo():
+    config = yaml.safe_load(LAUNCHER_CONFIG.read_text())
+    assert launcher_auth_problems(config) == []
+
+
+def _unauthenticated_start(config):
+    config["head_start_ray_commands"] = [c.replace("export RAY_AUTH_MODE=token", "export RAY_AUTH_MODE=disabled") for c in config["head_start_ray_commands"]]
+
+
+def _auth_before_the_env_file(config):
+    enable = f"export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={LAUNCHER_TOKEN_FILE} && "
+    config["worker_start_ray_commands"] = [enable + c.replace(enable, "") for c in config["worker_start_ray_commands"]]
+
+
+@pytest.mark.parametrize(
+    "mutate, named",
+    [
+        (_unauthenticated_start, "head_start_ray_commands: `ray start` does not run after"),
+        (_auth_before_the_env_file, "worker_start_ray_commands: `ray start` does not run after"),
+        (lambda c: c["file_mounts"].pop(LAUNCHER_TOKEN_FILE), "no file_mounts entry"),
+        (lambda c: c["file_mounts"].__setitem__(LAUNCHER_TOKEN_FILE, "infra/auth_token"), "outside the repository"),
+        (lambda c: c["provider"].__setitem__("security_group", {"IpPermissions": [{"FromPort": 8265, "ToPort": 8265, "IpProtocol": "tcp", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}]}), "opens ports besides SSH"),
+        (lambda c: c["available_node_types"]["head"]["node_config"].__setitem__("SecurityGroupIds", ["sg-0123"]), "head: own SecurityGroupIds"),
+    ],
+    ids=["auth disabled on the head", "auth set before the env file", "no token on the nodes", "token from the repository",
+         "dashboard port opened", "own security group"],
+)
+def test_launcher_auth_check_refuses_a_cluster_that_anyone_could_use(mutate, named):
+    config = yaml.safe_load(LAUNCHER_CONFIG.read_text())
+    mutate(config)
+    problems = launcher_auth_problems(config)
+    assert any(named in problem for problem in problems), problems
 
 
 # --------------------------------------------------------------------------------------------- image

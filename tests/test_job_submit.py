@@ -2,13 +2,18 @@
 JobSubmissionClient that `ray job submit` uses), with the documented runtime_env: training joins
 the cluster, a re-submitted job resumes, evaluate reads its model, storage on a local S3 server
 with credentials passed in the runtime_env, and a job the cluster cannot hold fails with a clear
-message instead of waiting forever."""
+message instead of waiting forever.
+
+The cluster runs with Ray's token authentication, as every cluster in infra/ does: `ray job
+submit` with the token runs a job, without it or with a wrong one it is refused before anything
+runs, and the token shows up in no log, MLflow record or output of a job."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -28,6 +33,31 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNTIME_ENV = ROOT / "infra" / "runtime_env" / "cluster_image.yaml"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 JOB_DEADLINE_S = 900  # only against a hung cluster; nothing here is a timing assertion
+RAY_BIN = Path(sys.executable).parent
+
+
+def _without_ray_settings(environment: dict[str, str]) -> dict[str, str]:
+    """The environment minus every RAY_* variable, so that neither a cluster address nor an auth
+    mode or token of this machine (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH) leaks into a test."""
+    return {k: v for k, v in environment.items() if not k.startswith("RAY_")}
+
+
+def generate_token(home: Path) -> str:
+    """The README's recipe: `ray get-auth-token --generate` writes a random token to
+    ~/.ray/auth_token and prints it. HOME is a fresh folder, so the machine's own ~/.ray stays
+    untouched (and its token, if any, unused)."""
+    home.mkdir(parents=True)
+    result = subprocess.run([str(RAY_BIN / "ray"), "get-auth-token", "--generate"], capture_output=True, text=True, timeout=300,
+                            env={**_without_ray_settings(os.environ), "HOME": str(home)})
+    assert result.returncode == 0, result.stderr
+    token = (home / ".ray" / "auth_token").read_text()
+    assert result.stdout == token and len(token) >= 32
+    return token
+
+
+def bearer(token: str) -> dict[str, str]:
+    """The HTTP header Ray's clients send for a token (RAY_AUTH_MODE=token)."""
+    return {"Authorization": f"Bearer {token}"}
 
 
 def _free_port() -> int:
@@ -46,23 +76,32 @@ class JobCluster:
     def __init__(self, num_cpus: int = 2):
         # short: Ray's unix socket paths under the temp dir must fit in 107 bytes
         self.temp_dir = tempfile.mkdtemp(prefix="ucgm-rj-", dir="/tmp")
+        # the token and the homes of "machines" live apart from Ray's temp dir, whose every file
+        # (logs, session data) a test searches for the token
+        self.auth_dir = Path(tempfile.mkdtemp(prefix="ucgm-rj-auth-"))
         self.gcs_port, self.dashboard_port = _free_port(), _free_port()
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
-        bin_dir = Path(sys.executable).parent
+        self.token = generate_token(self.auth_dir / "head-home")
+        # the submitting machine's copy of the token, handed over as the README says (a file)
+        self.token_file = self.auth_dir / "submitter" / "auth_token"
+        self.token_file.parent.mkdir(mode=0o700)
+        self.token_file.write_text(self.token)
         # what a cluster node looks like: the project's environment first on PATH (as in its
         # image), no storage credentials (jobs bring their own), no address of another cluster
-        environment = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_", "MLFLOW_"))}
+        environment = {k: v for k, v in _without_ray_settings(os.environ).items() if not k.startswith(("AWS_", "MLFLOW_"))}
         environment.update(
-            PATH=f"{bin_dir}{os.pathsep}{environment.get('PATH', '')}",
-            # Ray 2.60 turns token authentication on when ~/.ray/auth_token exists; this cluster
-            # listens on 127.0.0.1 only, and the client here must not depend on that file
-            RAY_AUTH_MODE="disabled",
+            PATH=f"{RAY_BIN}{os.pathsep}{environment.get('PATH', '')}",
+            # token authentication the way KubeRay sets it on every Ray container: the mode and
+            # the token itself in the environment of every process, job drivers included, which
+            # is what a job could leak (a token file's path would tell nothing)
+            RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN=self.token,
             # Ray's state API inside actors finds its cluster by address; with several clusters
             # on one machine (parallel test sessions) it would otherwise refuse to guess
             RAY_ADDRESS=f"127.0.0.1:{self.gcs_port}",
         )
         command = [
-            str(bin_dir / "ray"), "start", "--head", "--disable-usage-stats",
+            str(RAY_BIN / "ray"), "start", "--head", "--disable-usage-stats",
             "--node-ip-address", "127.0.0.1", "--port", str(self.gcs_port),
             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
             "--num-cpus", str(num_cpus), "--temp-dir", self.temp_dir,
@@ -81,17 +120,39 @@ class JobCluster:
 
         from ray.job_submission import JobSubmissionClient
 
-        self.client = JobSubmissionClient(self.dashboard)
+        # The submitting side reads its token file. Ray's own clients send it only when
+        # RAY_AUTH_MODE=token was set before `import ray` (RayConfig is read once per process),
+        # which this pytest process cannot promise, so it sends the same header explicitly;
+        # `ray job submit` with the environment a user sets is what submit_as_user runs.
+        self.auth_headers = bearer(self.token_file.read_text())
+        self.client = JobSubmissionClient(self.dashboard, headers=self.auth_headers)
 
-    def submit(self, verb: str, spec: str, *overrides: str, env_vars: dict[str, str] | None = None, entrypoint: str | None = None) -> str:
-        """Submit `python -m orchestrator <verb> <spec> <overrides>` as `ray job submit` would,
-        with the documented runtime_env (working_dir = the repository)."""
+    @staticmethod
+    def runtime_env(env_vars: dict[str, str] | None = None) -> dict:
+        """The documented runtime_env, working_dir = the repository."""
         runtime_env = yaml.safe_load(RUNTIME_ENV.read_text())
         runtime_env["working_dir"] = str(ROOT)
         if env_vars:
             runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **env_vars}
+        return runtime_env
+
+    def submit(self, verb: str, spec: str, *overrides: str, env_vars: dict[str, str] | None = None, entrypoint: str | None = None) -> str:
+        """Submit `python -m orchestrator <verb> <spec> <overrides>` as `ray job submit` would,
+        with the documented runtime_env."""
         entrypoint = entrypoint or shlex.join(["python", "-m", "orchestrator", verb, spec, *overrides])
-        return self.client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+        return self.client.submit_job(entrypoint=entrypoint, runtime_env=self.runtime_env(env_vars))
+
+    def submit_as_user(self, submission_id: str, argv: list[str], ray_settings: dict[str, str]) -> subprocess.Popen:
+        """`ray job submit --no-wait` of `argv` from a machine whose only Ray settings are
+        `ray_settings` (RAY_AUTH_MODE, RAY_AUTH_TOKEN_PATH, ...): a clean environment and an empty
+        HOME, so neither this machine's ~/.ray/auth_token nor the cluster's token is found by
+        accident. Started, not awaited, so that several run at once; output on stdout."""
+        home = self.auth_dir / f"home-{submission_id}"
+        home.mkdir()
+        command = [str(RAY_BIN / "ray"), "job", "submit", "--address", self.dashboard, "--no-wait", "--submission-id", submission_id,
+                   "--runtime-env-json", json.dumps(self.runtime_env()), "--", *argv]
+        return subprocess.Popen(command, env={**_without_ray_settings(os.environ), "HOME": str(home), **ray_settings}, cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def wait(self, job_id: str) -> tuple[str, str]:
         """(final status, logs) of a submitted job."""
@@ -137,6 +198,7 @@ class JobCluster:
                 pass
         psutil.wait_procs(alive, timeout=10)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+        shutil.rmtree(self.auth_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -167,9 +229,13 @@ def _summary(run_dir: str) -> dict:
 
 
 def _training_workers_of(cluster: JobCluster) -> int:
-    from ray.util.state import list_actors
+    # list_actors() is StateApiClient(address).list(...) without a way to pass the token's header
+    from ray.util.state import StateApiClient
+    from ray.util.state.common import ListApiOptions, StateResource
 
-    return len(list_actors(address=cluster.dashboard, filters=[("class_name", "=", "RayTrainWorker")], raise_on_missing_output=False))
+    client = StateApiClient(address=cluster.dashboard, headers={"Content-Type": "application/json", **cluster.auth_headers})
+    options = ListApiOptions(filters=[("class_name", "=", "RayTrainWorker")])
+    return len(client.list(StateResource.ACTORS, options=options, raise_on_missing_output=False))
 
 
 def test_a_submitted_training_job_runs_on_the_cluster_resumes_when_resubmitted_and_evaluate_reads_its_model(job_cluster, tmp_path):
@@ -244,6 +310,79 @@ def test_a_relative_output_dir_is_refused_in_a_submitted_job_before_any_work(job
     assert "output_dir: 'outputs' is relative" in logs and "s3://bucket/prefix" in logs
 
 
+def _files_holding(text: str, *folders: Path) -> list[str]:
+    needle = text.encode()
+    return [str(path) for folder in folders for path in folder.rglob("*")
+            if path.is_file() and not path.is_symlink() and needle in path.read_bytes()]
+
+
+def _mlflow_records_holding(text: str, tracking_uri: str) -> list[str]:
+    """Params and tags (names and values) of every MLflow run under tracking_uri that hold text;
+    fails if there is no run, which would make the search pointless."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([experiment.experiment_id for experiment in client.search_experiments()])
+    assert runs and all(run.data.params for run in runs), f"no MLflow run with params under {tracking_uri}"
+    return [f"{run.info.run_id}: {key}" for run in runs for key, value in [*run.data.params.items(), *run.data.tags.items()]
+            if text in key or text in str(value)]
+
+
+def test_only_a_holder_of_the_token_can_use_the_cluster_and_no_job_writes_the_token_down(job_cluster, tmp_path):
+    """Submitting machines as users set them up (README: RAY_AUTH_MODE=token and the head's token
+    file) run a real training; a machine without the token or with another one is refused by the
+    job server before it registers anything, and so is a driver joining through the GCS port. The
+    refused attempts run while the training does, so they cost no time of their own."""
+    out, refused = tmp_path / "runs", tmp_path / "refused"
+
+    def train(output: Path) -> list[str]:
+        return ["python", "-m", "orchestrator", "train", "jobs/digits.yaml", *_common(str(output), tmp_path), "train.steps=10"]
+
+    attempts = {  # who submits: (the only Ray settings of their machine, what they submit)
+        "holder": ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(job_cluster.token_file)}, train(out)),
+        "stranger": ({}, train(refused)),  # never heard of the token: Ray's defaults, an empty ~/.ray
+        "guesser": ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}, train(refused)),
+    }
+    ids = {who: f"auth-{who}-{uuid.uuid4().hex[:8]}" for who in attempts}
+    started = {who: job_cluster.submit_as_user(ids[who], argv, settings) for who, (settings, argv) in attempts.items()}
+    stranger_home = job_cluster.auth_dir / f"home-driver-{uuid.uuid4().hex[:8]}"
+    stranger_home.mkdir()
+    driver = subprocess.Popen([sys.executable, "-c", f"import ray; ray.init(address='127.0.0.1:{job_cluster.gcs_port}'); print('joined')"],
+                              env={**_without_ray_settings(os.environ), "HOME": str(stranger_home)}, cwd=stranger_home,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    said = {who: process.communicate(timeout=300)[0] for who, process in started.items()}
+    assert started["holder"].returncode == 0, said["holder"]
+    assert started["stranger"].returncode != 0 and "Authentication required: Unauthorized" in said["stranger"], said["stranger"]
+    assert started["guesser"].returncode != 0 and "Authentication failed: Forbidden" in said["guesser"], said["guesser"]
+    listed = {job.submission_id: job for job in job_cluster.client.list_jobs()}  # asked with the token
+    assert ids["holder"] in listed and not {ids["stranger"], ids["guesser"]} & set(listed)
+    assert not [job.submission_id for job in listed.values() if str(refused) in job.entrypoint]
+
+    # the rest of the dashboard's API is closed the same way (the job server is one of its modules)
+    import requests
+
+    for endpoint in ("/api/jobs/", "/api/v0/actors", "/api/cluster_status"):
+        url = job_cluster.dashboard + endpoint
+        assert requests.get(url, timeout=60).status_code == 401, endpoint
+        assert requests.get(url, headers=bearer(secrets.token_hex(32)), timeout=60).status_code == 403, endpoint
+        assert requests.get(url, headers=job_cluster.auth_headers, timeout=60).status_code == 200, endpoint
+
+    status, logs = job_cluster.wait(ids["holder"])
+    assert status == "SUCCEEDED", logs[-4000:]
+    assert _summary(f"{out}/digits")["steps"] == 10
+    assert not refused.exists()
+    joined, _ = driver.communicate(timeout=300)
+    assert driver.returncode != 0 and "InvalidAuthToken" in joined and "joined" not in joined.splitlines(), joined[-3000:]
+
+    # Every process of the job had the token in its environment (as on KubeRay); none wrote it
+    # into its log, MLflow (params, tags; artifacts and the database are files under tmp_path),
+    # its outputs, or anything else in the cluster's temp dir (worker logs, session files).
+    assert job_cluster.token not in logs
+    assert _mlflow_records_holding(job_cluster.token, f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}") == []
+    assert _files_holding(job_cluster.token, tmp_path, Path(job_cluster.temp_dir)) == []
+
+
 @pytest.mark.slow  # two more submitted jobs; train/reference/evaluate above cover the submission path
 def test_generate_and_encode_run_as_submitted_jobs_and_skip_finished_shards_when_resubmitted(job_cluster, tmp_path):
     import torch
@@ -291,7 +430,7 @@ def test_the_pip_runtime_env_installs_what_pyproject_declares():
 
 
 def test_relative_outputs_are_refused_only_inside_a_submitted_job(monkeypatch, tmp_path):
-    from orchestrator.cluster import check_outputs_outlive_the_job as check
+    from orchestrator.job_checks import check_outputs_outlive_the_job as check
     from orchestrator.config import load_job
     from orchestrator.errors import ConfigError
 

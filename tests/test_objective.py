@@ -1,4 +1,4 @@
-"""UCGM-T (ucgm_core/objective.py), checked against hand computations on tiny networks."""
+"""UCGM-T (ucgm_core/systems/ucgm.py), checked against hand computations on tiny networks."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from ucgm_core.ema import TargetNetwork
-from ucgm_core.objective import (
+from ucgm_core.systems.common import drop_labels
+from ucgm_core.systems.ucgm import (
     ObjectiveSettings,
     UnifiedObjective,
     consistency_target,
-    drop_labels,
     enhanced_pair,
     finite_difference_derivative,
     jvp_derivative,
@@ -197,22 +197,22 @@ def test_enhanced_target_shifts_inside_range_and_averages_outside(style):
     hand_labels = _hand_dropped_labels(labels, 3)  # round(0.25 * 12) = 3
     null = torch.full_like(labels, NUM_CLASSES)
     velocity = z - x
-    # For Linear, F = z_hat - x_hat, so shifting (x, z) targets by zeta (cond - ref) shifts the
-    # velocity target by zeta (F_cond - F_ref), and averages likewise.
+    # For Linear, F = z_hat - x_hat, so shifting (x, z) targets by zeta (cond - guide) shifts the
+    # velocity target by zeta (F_cond - F_guide), and averages likewise.
     live_conditional = online(x_t, t, hand_labels)
     if style == "live_vs_unconditional":
-        conditional, reference = live_conditional, target_net(x_t, t, null)
+        conditional, guide = live_conditional, target_net(x_t, t, null)
     elif style == "target_vs_unconditional":
-        conditional, reference = target_net(x_t, t, hand_labels), target_net(x_t, t, null)
+        conditional, guide = target_net(x_t, t, hand_labels), target_net(x_t, t, null)
     else:
-        conditional, reference = target_net(x_t, t, hand_labels), velocity
+        conditional, guide = target_net(x_t, t, hand_labels), velocity
     kept = torch.arange(12) < 9
     inside = (t > low) & (t < high)
     assert (kept & inside).any() and (kept & ~inside).any(), "seed must cover both cases"
     expected_target = torch.where(
         _rows(kept & inside),
-        velocity + zeta * (conditional - reference),
-        torch.where(_rows(kept), (velocity + conditional) / 2, (velocity + reference) / 2),
+        velocity + zeta * (conditional - guide),
+        torch.where(_rows(kept), (velocity + conditional) / 2, (velocity + guide) / 2),
     )
     torch.testing.assert_close(output.loss, _rmse_loss(live_conditional, expected_target), rtol=1e-12, atol=0)
 
@@ -220,17 +220,17 @@ def test_enhanced_target_shifts_inside_range_and_averages_outside(style):
 def test_enhanced_pair_row_rules():
     truth = (torch.zeros(4, 1), torch.ones(4, 1))
     conditional = (torch.full((4, 1), 2.0), torch.full((4, 1), 3.0))
-    reference = (torch.full((4, 1), 4.0), torch.full((4, 1), 5.0))
+    guide = (torch.full((4, 1), 4.0), torch.full((4, 1), 5.0))
     t = torch.tensor([0.1, 0.9, 0.5, 0.5])
     x_target, z_target = enhanced_pair(
-        truth, conditional, reference, t, ratio=2.0, time_range=(0.0, 0.75), number_dropped=1
+        truth, conditional, guide, t, ratio=2.0, time_range=(0.0, 0.75), number_dropped=1
     )
     # rows: inside, outside, inside, dropped
     assert x_target.flatten().tolist() == [0 + 2 * (2 - 4), (0 + 2) / 2, 0 + 2 * (2 - 4), (0 + 4) / 2]
     assert z_target.flatten().tolist() == [1 + 2 * (3 - 5), (1 + 3) / 2, 1 + 2 * (3 - 5), (1 + 5) / 2]
     # the range is open: t exactly at a bound is outside
     x_edge, _ = enhanced_pair(
-        truth, conditional, reference, torch.tensor([0.0, 0.75, 0.5, 0.5]),
+        truth, conditional, guide, torch.tensor([0.0, 0.75, 0.5, 0.5]),
         ratio=2.0, time_range=(0.0, 0.75), number_dropped=0,
     )
     assert x_edge.flatten().tolist() == [1.0, 1.0, -4.0, -4.0]

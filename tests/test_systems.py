@@ -19,19 +19,22 @@ import torch
 from torch import nn
 
 from ucgm_core.dit import DiTSettings, build_dit
-from ucgm_core.objective import ObjectiveSettings, UnifiedObjective
 from ucgm_core.sampler import SamplerSettings, sample, time_grid
 from ucgm_core.systems import (
     PRESETS,
-    SYSTEM_SETTINGS,
+    SYSTEMS,
     AdaptiveWeight,
     ContinuousConsistencySettings,
     ExplicitShortcutSettings,
     MultistepConsistencySettings,
+    ObjectiveSettings,
     ShortcutSettings,
     TrainingObjective,
+    UnifiedObjective,
     build_objective,
+    needs_teacher,
     preset,
+    system,
 )
 from ucgm_core.systems import esc, multistep, scm, shortcut
 from ucgm_core.systems.common import inverse_ddim, jump, output_for_jump
@@ -236,7 +239,7 @@ def test_scd_with_the_exact_teacher_and_student_has_zero_loss_and_a_perturbed_st
     def teacher(y, network_time, labels, r=None):  # a TrigFlow model predicts dx/dtheta
         return gaussian.denoiser_network(y, network_time, labels)
 
-    settings = ContinuousConsistencySettings(mode="distillation", adaptive_weighting=False)
+    settings = ContinuousConsistencySettings(distillation=True, adaptive_weighting=False)
     objective = build_objective(settings, transport, teacher=teacher)
     x = MEAN + STD * torch.randn(64, DIM, generator=torch.Generator().manual_seed(0), dtype=DTYPE)
     labels = torch.zeros(64, dtype=torch.long)
@@ -353,7 +356,7 @@ def test_multistep_distillation_with_t_equal_n_trains_the_student_to_the_teacher
     transport = build_transport("vp_cosine")
     teacher = smooth_network(seed=3)
     settings = MultistepConsistencySettings(
-        mode="distillation", student_steps=4, teacher_steps_start=4, teacher_steps_end=4, addim_eta=0.0, loss_constant=0.0
+        distillation=True, student_steps=4, teacher_steps_start=4, teacher_steps_end=4, addim_eta=0.0, loss_constant=0.0
     )
     objective = build_objective(settings, transport, teacher=teacher)
     x = torch.randn(32, DIM, generator=torch.Generator().manual_seed(0), dtype=DTYPE)
@@ -575,21 +578,35 @@ def test_esc_gradient_reaches_network_and_weight_only():
 # ============================================================================ registry and settings
 
 
-def test_build_objective_returns_unified_objective_for_ucgm_settings_and_system_objectives_otherwise():
-    linear = build_transport("linear")
-    assert isinstance(build_objective(ObjectiveSettings(), linear), UnifiedObjective)
+def test_build_objective_returns_the_objective_of_each_registered_kind():
     expected = {
+        "ucgm": (UnifiedObjective, "linear"),
         "scm": (scm.ContinuousConsistencyObjective, "trigflow"),
         "multistep_cm": (multistep.MultistepConsistencyObjective, "vp_cosine"),
         "shortcut": (shortcut.ShortcutObjective, "relinear"),
         "esc": (esc.ExplicitShortcutObjective, "linear"),
     }
-    for kind, settings_class in SYSTEM_SETTINGS.items():
-        settings = settings_class()
+    assert list(SYSTEMS) == list(expected)  # UCGM-T first: the job schema's default kind
+    for kind, record in SYSTEMS.items():
+        settings = record.settings()
         assert settings.kind == kind and dataclasses.is_dataclass(settings)
-        objective = build_objective(settings, build_transport(expected[kind][1]))
+        assert record.default_transport == expected[kind][1]
+        objective = build_objective(settings, build_transport(record.default_transport))
         assert isinstance(objective, expected[kind][0]) and isinstance(objective, TrainingObjective)
-    assert isinstance(build_objective(ObjectiveSettings(), linear), TrainingObjective)
+
+
+def test_unknown_kinds_name_the_valid_ones_with_a_suggestion():
+    with pytest.raises(ValueError, match=r"unknown system kind 'scn'; did you mean 'scm'\? choose one of \['ucgm', 'scm'"):
+        system("scn")
+
+
+def test_what_a_system_needs_comes_from_its_record():
+    assert ObjectiveSettings(consistency_ratio=1.0, derivative="jvp").needs_forward_mode_autodiff
+    assert not ObjectiveSettings(consistency_ratio=0.0, derivative="jvp").needs_forward_mode_autodiff
+    assert not ObjectiveSettings(consistency_ratio=1.0).needs_forward_mode_autodiff
+    assert ContinuousConsistencySettings().needs_forward_mode_autodiff and ExplicitShortcutSettings().needs_two_time_network
+    assert needs_teacher(MultistepConsistencySettings(distillation=True)) and not needs_teacher(MultistepConsistencySettings())
+    assert not needs_teacher(ObjectiveSettings()) and not needs_teacher(ShortcutSettings())
 
 
 def test_every_objective_accepts_the_step_keyword_and_returns_a_scalar_loss():
@@ -611,9 +628,9 @@ def test_every_objective_accepts_the_step_keyword_and_returns_a_scalar_loss():
 def test_teacher_rules_and_transport_checks_name_the_fix():
     trigflow, linear = build_transport("trigflow"), build_transport("linear")
     with pytest.raises(ValueError, match="teacher"):
-        build_objective(ContinuousConsistencySettings(mode="distillation"), trigflow)
+        build_objective(ContinuousConsistencySettings(distillation=True), trigflow)
     with pytest.raises(ValueError, match="teacher"):
-        build_objective(ContinuousConsistencySettings(mode="training"), trigflow, teacher=smooth_network())
+        build_objective(ContinuousConsistencySettings(), trigflow, teacher=smooth_network())
     with pytest.raises(ValueError, match="transport: trigflow"):
         build_objective(ContinuousConsistencySettings(), linear)
     with pytest.raises(ValueError, match="transport: linear"):
@@ -627,7 +644,7 @@ def test_teacher_rules_and_transport_checks_name_the_fix():
     [
         (ContinuousConsistencySettings, "tangent_normalization", -0.1),
         (ContinuousConsistencySettings, "tangent_warmup_steps", -1),
-        (ContinuousConsistencySettings, "mode", "distill"),
+        (ContinuousConsistencySettings, "distillation", "yes"),
         (MultistepConsistencySettings, "student_steps", 0),
         (MultistepConsistencySettings, "addim_eta", 1.5),
         (MultistepConsistencySettings, "teacher_steps_end", 4),
@@ -644,14 +661,14 @@ def test_invalid_system_settings_name_the_field(settings_class, field_name, valu
 
 
 def test_presets_are_consistent_with_their_systems():
-    for name, system in PRESETS.items():
-        assert preset(name) is system
-        build_transport(system.transport)
-        if isinstance(system.objective, ObjectiveSettings):
-            continue
-        assert system.two_time_network == system.objective.needs_two_time_network
-        assert system.sampler.condition_on_end_time == system.two_time_network
-        assert system.teacher == (getattr(system.objective, "mode", "training") == "distillation")
+    for name, chosen in PRESETS.items():
+        assert preset(name) is chosen
+        build_transport(chosen.transport)
+        assert chosen.transport == system(chosen.objective.kind).default_transport
+        assert chosen.two_time_network == chosen.objective.needs_two_time_network
+        assert chosen.forward_mode_autodiff == chosen.objective.needs_forward_mode_autodiff
+        assert chosen.sampler.condition_on_end_time == chosen.two_time_network
+        assert chosen.teacher == needs_teacher(chosen.objective)
     assert preset("ucgm_few_step").objective.consistency_ratio == 1.0
     assert preset("ucgm_multi_step").objective.consistency_ratio == 0.0
     assert preset("ucgm_accelerated").sampler.extrapolation > 0

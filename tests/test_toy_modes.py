@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ucgm_core.ema import ModelEMA
-from ucgm_core.objective import ObjectiveSettings
+from ucgm_core.systems.ucgm import ObjectiveSettings
 from ucgm_core.sampler import SamplerSettings, sample
 from ucgm_core.systems import build_objective, preset
 from ucgm_core.systems import esc, multistep, scm, shortcut
@@ -196,7 +196,7 @@ def exact_mixture_network(transport_name: str):
         within = CENTERS.double()[None] + (c.gamma * STD**2 / spread)[:, :, None] * offset
         data = (weights[:, :, None] * within).sum(1)
         noise = (x_t.double() - c.gamma * data) / c.alpha
-        return transport.target(data, noise, network_time.double()).to(x_t.dtype)
+        return transport.ideal_output(data, noise, network_time.double()).to(x_t.dtype)
 
     network.num_classes = 1
     return network
@@ -239,22 +239,22 @@ def trigflow_model() -> nn.Module:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["distillation", "training"])
-def test_scm_started_from_a_trigflow_model_covers_all_modes_in_one_and_two_steps(trigflow_model, mode):
+@pytest.mark.parametrize("distillation", [True, False])
+def test_scm_started_from_a_trigflow_model_covers_all_modes_in_one_and_two_steps(trigflow_model, distillation):
     """sCD (teacher: the TrigFlow model) and sCT, both started from it as the paper does; times
     arctan(e^tau / 0.5), tau ~ N(-1, 1.4^2) (its CIFAR proposal), warm-up scaled to 500 steps;
     adaptive weighting, tangent normalisation as in the preset."""
     settings = dataclasses.replace(
-        preset("scd" if mode == "distillation" else "sct").objective,
+        preset("scd" if distillation else "sct").objective,
         time_distribution=ArctanLogNormalTime(mean=-1.0, std=1.4, sigma_data=0.5),
         tangent_warmup_steps=500,
     )
-    teacher = trigflow_model if mode == "distillation" else None
+    teacher = trigflow_model if distillation else None
     objective = build_objective(settings, build_transport("trigflow"), teacher=teacher)
     student = ToyNetwork("smooth")
     student.load_state_dict(trigflow_model.state_dict())
     network = train(objective, student, 2000, learning_rate=5e-4)
-    name = "sCD" if mode == "distillation" else "sCT"
+    name = "sCD" if distillation else "sCT"
     results = [sampled_modes(network, "trigflow", scm.sampler_settings(steps), name) for steps in (1, 2)]
     assert max(r[0] for r in results) == MODES
     assert_covers_all_modes(min(results, key=lambda r: r[1]), 0.4)
@@ -266,20 +266,20 @@ def vp_cosine_model() -> nn.Module:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["distillation", "training"])
-def test_multistep_cm_with_two_segments_covers_all_modes_in_two_steps(vp_cosine_model, mode):
+@pytest.mark.parametrize("distillation", [True, False])
+def test_multistep_cm_with_two_segments_covers_all_modes_in_two_steps(vp_cosine_model, distillation):
     """Multistep CD / CT with T = 2, started from the vp_cosine x-prediction model (the paper's
     fine-tuning); teacher steps annealed 16 -> 128 over the first half of training."""
     settings = dataclasses.replace(
-        preset("multistep_cd" if mode == "distillation" else "multistep_ct").objective,
+        preset("multistep_cd" if distillation else "multistep_ct").objective,
         student_steps=2, teacher_steps_start=16, teacher_steps_end=128, teacher_anneal_steps=400,
     )
-    teacher = vp_cosine_model if mode == "distillation" else None
+    teacher = vp_cosine_model if distillation else None
     objective = build_objective(settings, build_transport("vp_cosine"), teacher=teacher)
     student = ToyNetwork("sharp")
     student.load_state_dict(vp_cosine_model.state_dict())
     network = train(objective, student, 800, learning_rate=1e-3)
-    name = "Multistep CD" if mode == "distillation" else "Multistep CT"
+    name = "Multistep CD" if distillation else "Multistep CT"
     teacher_result = sampled_modes(vp_cosine_model, "vp_cosine", multistep.sampler_settings(2), "vp_cosine teacher")
     result = sampled_modes(network, "vp_cosine", multistep.sampler_settings(2), name)
     assert_covers_all_modes(result, 0.4)

@@ -13,7 +13,8 @@ import torch
 
 from orchestrator import storage
 from orchestrator.config import load_job
-from orchestrator.errors import CheckpointError, ConfigError, ResourceError, StorageError
+from orchestrator.errors import CheckpointError, ConfigError, ResourceError
+from orchestrator.job_checks import check_job
 from orchestrator.train.run import run_train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,9 +43,9 @@ def ray_cluster(s3_server):
     workers see the local object store."""
     import ray
 
-    from orchestrator.train.ray_backend import connect
+    from orchestrator.train.ray_backend import connect_for_training
 
-    connect(_job("unused", Path("/tmp")))
+    connect_for_training(_job("unused", Path("/tmp")))
     yield
     ray.shutdown()
 
@@ -126,13 +127,13 @@ def test_a_batch_that_does_not_split_across_workers_is_a_config_error(tmp_path):
         _job(str(tmp_path), tmp_path, "train.batch_size=126", "train.gradient_accumulation_steps=2")
 
 
-def test_unreachable_storage_fails_with_the_path_named(ray_cluster, tmp_path):
+def test_unreachable_storage_fails_with_the_path_named(s3_server, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    with pytest.raises(StorageError, match="a-file"):
-        run_train(_job(str(blocker / "runs"), tmp_path, "tracking.enabled=false"))
-    with pytest.raises(StorageError, match="no-such-bucket"):
-        run_train(_job("s3://no-such-bucket/runs", tmp_path, "tracking.enabled=false", "train.steps=1"))
+    with pytest.raises(ConfigError, match="output_dir: cannot write to .*a-file"):
+        check_job(_job(str(blocker / "runs"), tmp_path, "tracking.enabled=false"), "train")
+    with pytest.raises(ConfigError, match="output_dir: cannot write to .*no-such-bucket"):
+        check_job(_job("s3://no-such-bucket/runs", tmp_path, "tracking.enabled=false", "train.steps=1"), "train")
 
 
 def test_more_gpus_than_the_cluster_has_fail_instead_of_waiting(ray_cluster, tmp_path):

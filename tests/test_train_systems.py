@@ -14,6 +14,7 @@ import torch
 from orchestrator import storage
 from orchestrator.config import load_job
 from orchestrator.errors import ConfigError, JobError
+from orchestrator.job_checks import check_job
 from orchestrator.train.run import run_train
 from orchestrator.train.loop import TrainingRun
 from ucgm_core.dit import DiTSettings, build_dit
@@ -112,9 +113,9 @@ def test_missing_model_files_fail_before_any_training(tmp_path):
     config = _job(
         "digits_scd.yaml", tmp_path, f"train.teacher={tmp_path / 'nowhere.pt'}", "train.initialize_from=null", "distributed.backend=ray"
     )
-    with pytest.raises(FileNotFoundError, match="train.teacher: no model file at"):
-        run_train(config)
-    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match="train.teacher: no model file at"):
+        check_job(config, "train")  # what the CLI runs before any cluster work
+    assert not list((tmp_path / "out").rglob("*.*"))  # nothing written (the write check leaves an empty run folder)
 
 
 def test_scd_trains_its_learned_weight_against_a_teacher_and_resumes_it(tmp_path):

@@ -19,7 +19,7 @@ def table_coefficients(name: str, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
     half_pi = math.pi / 2
     if name == "linear":
         return t, 1 - t, torch.ones_like(t), -torch.ones_like(t)
-    if name == "relinear":  # data at s = 1 - t in the network's time, so the same path, negated target
+    if name == "relinear":  # data at s = 1 - t in the network's time, so the same path, negated output
         return t, 1 - t, -torch.ones_like(t), torch.ones_like(t)
     if name == "trigflow":
         return torch.sin(half_pi * t), torch.cos(half_pi * t), torch.cos(half_pi * t), -torch.sin(half_pi * t)
@@ -50,8 +50,8 @@ def test_coefficients_match_the_algorithms_table(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_target_conditional_mean_matches_monte_carlo_for_gaussian_data(name):
-    """Regress the transport's own target F* on its own x_t (jointly Gaussian, so E[F*|x_t] is exactly
+def test_ideal_output_conditional_mean_matches_monte_carlo_for_gaussian_data(name):
+    """Regress the transport's ideal output F* on its own x_t (jointly Gaussian, so E[F*|x_t] is exactly
     affine) and compare slope and intercept with the closed form alpha_hat E[z|x_t] + gamma_hat E[x|x_t]."""
     transport = build_transport(name)
     generator = torch.Generator().manual_seed(1234)
@@ -61,15 +61,15 @@ def test_target_conditional_mean_matches_monte_carlo_for_gaussian_data(name):
         z = torch.randn(batch, dim, generator=generator, dtype=torch.float64)
         t = torch.full((batch,), t_value, dtype=torch.float64)
         x_t = transport.interpolate(x, z, t).flatten()
-        target = transport.target(x, z, t).flatten()
+        ideal = transport.ideal_output(x, z, t).flatten()
 
-        # least squares fit target ~ slope * x_t + intercept, with its standard errors
+        # least squares fit ideal ~ slope * x_t + intercept, with its standard errors
         n = x_t.numel()
-        x_mean, y_mean = x_t.mean(), target.mean()
+        x_mean, y_mean = x_t.mean(), ideal.mean()
         sxx = ((x_t - x_mean) ** 2).sum()
-        slope = ((x_t - x_mean) * (target - y_mean)).sum() / sxx
+        slope = ((x_t - x_mean) * (ideal - y_mean)).sum() / sxx
         intercept = y_mean - slope * x_mean
-        residual_var = ((target - intercept - slope * x_t) ** 2).sum() / (n - 2)
+        residual_var = ((ideal - intercept - slope * x_t) ** 2).sum() / (n - 2)
         se_slope = torch.sqrt(residual_var / sxx)
         se_intercept = torch.sqrt(residual_var * (1 / n + x_mean**2 / sxx))
 
@@ -88,13 +88,13 @@ def test_target_conditional_mean_matches_monte_carlo_for_gaussian_data(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_predictions_recover_data_and_noise_from_the_exact_target(name):
+def test_predictions_recover_data_and_noise_from_the_ideal_output(name):
     transport = build_transport(name)
     generator = torch.Generator().manual_seed(0)
     t = torch.linspace(0.05, 0.95, 19, dtype=torch.float64)
     x = torch.randn(19, 2, 3, 3, generator=generator, dtype=torch.float64)
     z = torch.randn(19, 2, 3, 3, generator=generator, dtype=torch.float64)
-    x_hat, z_hat = transport.predictions(transport.target(x, z, t), transport.interpolate(x, z, t), t)
+    x_hat, z_hat = transport.predictions(transport.ideal_output(x, z, t), transport.interpolate(x, z, t), t)
     torch.testing.assert_close(x_hat, x, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(z_hat, z, rtol=1e-10, atol=1e-10)
 
@@ -124,3 +124,11 @@ def test_build_transport_rejects_unknown_names_and_lists_the_choices():
     assert "nope" in message
     for name in TRANSPORTS:
         assert name in message
+
+
+def test_target_is_a_deprecated_alias_of_ideal_output():
+    transport = build_transport("trigflow")
+    x, z, t = torch.randn(3, 2, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64), torch.rand(3, dtype=torch.float64)
+    with pytest.warns(DeprecationWarning, match="ideal_output"):
+        old = transport.target(x, z, t)
+    torch.testing.assert_close(old, transport.ideal_output(x, z, t), rtol=0, atol=0)

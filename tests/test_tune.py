@@ -1,11 +1,14 @@
-"""The `tune` verb: sweep specs checked before any trial, seeded suggestions, sampling-only
-sweeps with the real evaluator, a killed sweep that continues, and (slow) a training sweep of
-real Ray Train + DeepSpeed trials with ASHA whose best job reproduces its score."""
+"""The `tune` verb: sweep specs checked before any trial, paths resolved where `tune` runs,
+seeded suggestions, sampling-only sweeps with the real evaluator, failed trials, a killed sweep
+that continues, and (slow) a training sweep of real Ray Train + DeepSpeed trials with ASHA whose
+best job reproduces its score."""
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
+import math
 import os
 import signal
 import subprocess
@@ -66,6 +69,69 @@ def test_a_sampling_sweep_searches_sampler_keys_only(tmp_path):
         load_sweep(SAMPLING_SPEC, [f"output_dir={tmp_path}", "space.train.learning_rate={type: loguniform, low: 1.0e-4, high: 1.0e-3}"])
 
 
+def test_a_sampling_sweep_reads_its_inputs_where_tune_runs_not_where_a_trial_runs(tmp_path, monkeypatch):
+    """Relative paths (`model_file=`, the base job's output_dir and so the default reference
+    statistics) mean the directory `tune` starts in; a trial builds its job in Tune's per-trial
+    working directory, and finds the same files."""
+    from orchestrator.tune.space import RUN_NAME, TRIAL_NUMBER
+    from orchestrator.tune.trials import TrialSetup
+
+    monkeypatch.chdir(tmp_path)
+    sweep = load_sweep(SAMPLING_SPEC, ["model_file=models/model.pt", "job.output_dir=runs"])
+    assert sweep.folder == str(tmp_path / "runs" / "tune_digits_sampling")
+    evaluation = sweep.base_raw["evaluation"]
+    assert evaluation["model_file"] == str(tmp_path / "models" / "model.pt")
+    assert evaluation["reference_statistics"] == str(tmp_path / "runs" / "reference" / "digits-train-mnist-cnn-penultimate.npz")
+
+    trial_dir = tmp_path / "working_dirs" / "trial_0000"
+    trial_dir.mkdir(parents=True)
+    monkeypatch.chdir(trial_dir)
+    setup = TrialSetup(sweep, "sqlite:///unused.db", "sweep", None, {"evaluation.gpus_per_actor": 0.0})
+    job = setup.trial_job({TRIAL_NUMBER: 0, RUN_NAME: "trial_0000", "sampler.steps": 3})
+    assert (job.evaluation.model_file, job.evaluation.reference_statistics) == (evaluation["model_file"], evaluation["reference_statistics"])
+    assert job.run_dir == f"{sweep.folder}/trials/trial_0000" and job.sampler.steps == 3
+
+
+def test_a_sampling_sweep_without_its_model_file_or_reference_exits_2_before_any_trial(tmp_path, capsys):
+    from orchestrator.cli import main
+
+    code = main(["tune", str(SAMPLING_SPEC), f"output_dir={tmp_path}", f"job.output_dir={tmp_path}", "model_file=missing/model.pt"])
+    error = capsys.readouterr().err
+    assert code == 2, error
+    assert "sweep 'tune_digits_sampling': its base job" in error
+    assert f"{os.getcwd()}/missing/model.pt" in error  # relative to where `tune` runs
+    assert "evaluation.reference_statistics: no reference statistics" in error
+    assert not (tmp_path / "tune_digits_sampling" / "study.db").exists(), "no study, no cluster, no trial"
+
+
+def _model_file(sweep) -> str:
+    return sweep.base_job.evaluation.model_file
+
+
+@pytest.mark.parametrize(
+    ("spec", "override", "read", "expected", "warning"),
+    [
+        (SAMPLING_SPEC, "checkpoint=/models/model.pt", _model_file, "/models/model.pt", "sweep spec: checkpoint is deprecated"),
+        (SAMPLING_SPEC, "job.evaluation.checkpoint=/models/model.pt", _model_file, "/models/model.pt", "job_overrides.evaluation.checkpoint is deprecated"),
+        (
+            TRAINING_SPEC, "space.evaluation.reference={type: choice, values: [a.npz, b.npz]}", lambda sweep: list(sweep.config.space)[-1],
+            "evaluation.reference_statistics", "space.evaluation.reference is deprecated",
+        ),
+    ],
+    ids=["sweep key (the README's old command)", "job_overrides", "space"],
+)
+def test_renamed_keys_still_work_with_a_warning(spec, override, read, expected, warning, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        sweep = load_sweep(spec, [f"output_dir={tmp_path}", override])
+    assert read(sweep) == expected
+    assert warning in caplog.text
+
+
+def test_a_renamed_key_and_its_new_name_together_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="renamed to evaluation.model_file, and both are set"):
+        load_sweep(SAMPLING_SPEC, [f"output_dir={tmp_path}", "job.evaluation.checkpoint=a.pt", "job.evaluation.model_file=b.pt"])
+
+
 def _suggestions(seed: int, count: int) -> list[dict]:
     """The configs OptunaSearch suggests for the training spec's define-by-run space, each told
     a result that depends on its values, so the model-based phase of TPE is exercised too."""
@@ -97,10 +163,10 @@ def test_a_trial_a_kill_cut_off_is_queued_again_with_its_values_and_run_folder(t
     import optuna
 
     from orchestrator.tune.space import RUN_NAME
-    from orchestrator.tune.run import _study, build_searcher, finished_trials, settle_interrupted
+    from orchestrator.tune.run import build_searcher, finished_trials, open_study, settle_interrupted
 
     sweep = load_sweep(TRAINING_SPEC, [f"output_dir={tmp_path}"])
-    study = _study(sweep)
+    study = open_study(sweep)
     searcher = build_searcher(sweep, sweep.storage_url)
     cut, done = searcher.suggest("a"), searcher.suggest("b")  # both RUNNING, as after a kill
     result = Path(sweep.folder) / "trials" / done[RUN_NAME] / "trial_result.json"
@@ -141,8 +207,10 @@ def test_training_reports_a_quick_score_every_score_every_steps(tmp_path):
     )
     summary = run_train(job)
     history = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(summary.mlflow_run_id, "frechet_distance_quick")
-    assert sorted(m.step for m in history) == [10, 20]
-    assert all(m.value > 0 for m in history)
+    history = sorted(history, key=lambda m: m.step)
+    assert [m.step for m in history] == [10, 20]
+    # a score of the model, not a constant: finite, and ten more steps of training change it
+    assert all(math.isfinite(m.value) for m in history) and history[0].value != history[1].value
 
 
 # --------------------------------------------------------------------------- with a cluster and a model
@@ -245,6 +313,14 @@ def test_a_sampling_sweep_writes_table_plot_best_job_and_nested_mlflow_runs(samp
     rows = list(csv.DictReader((folder / "results.csv").open()))
     assert [int(r["trial"]) for r in rows] == list(range(6))
     assert [r["trial"] for r in rows if r["best"] == "1"] == [str(summary.best["trial"])]
+    # one value per trial, to the last digit, in the table, sweep.json and each trial's result file
+    stored = json.loads((folder / "sweep.json").read_text())["trials"]
+    for row, trial, record in zip(rows, stored, summary.trials, strict=True):
+        result = json.loads((Path(record.run_dir) / "trial_result.json").read_text())
+        assert float(row["frechet_distance"]) == trial["values"]["frechet_distance"] == result["frechet_distance"]
+        assert math.isfinite(result["frechet_distance"]) and int(row["score_samples"]) == result["score_samples"] == 300
+    settings = {tuple(row[key] for key in sweep.config.space) for row in rows}
+    assert len({row["frechet_distance"] for row in rows}) == len(settings) == 6, "other sampler settings, other distances"
     assert (folder / "results.png").read_bytes()[:4] == b"\x89PNG"
 
     # the best job file is a ready-to-run evaluate job that gives the best trial's distance
@@ -262,14 +338,53 @@ def test_a_sampling_sweep_writes_table_plot_best_job_and_nested_mlflow_runs(samp
     assert parent.data.metrics["best_frechet_distance"] == summary.best["values"]["frechet_distance"]
 
 
+def _blocked(sweep, *run_names: str) -> None:
+    """Make trials fail where a real sweep can: a file where their run folder must go."""
+    trials = Path(sweep.folder) / "trials"
+    if not run_names:
+        trials.parent.mkdir(parents=True)
+        trials.write_text("not a folder")
+    for name in run_names:
+        (trials / name).parent.mkdir(parents=True, exist_ok=True)
+        (trials / name).write_text("not a folder")
+
+
+def test_a_sweep_whose_trials_all_fail_exits_1_with_the_first_trial_s_error(ray_cluster, trained_model, tmp_path, capsys):
+    from orchestrator.cli import main
+
+    overrides = _sampling_overrides(trained_model, tmp_path, "num_trials=2", "job.evaluation.num_samples=50")
+    _blocked(load_sweep(SAMPLING_SPEC, overrides))
+    assert main(["tune", str(SAMPLING_SPEC), *overrides]) == 1
+    error = capsys.readouterr().err
+    assert "error: all 2 trials of sweep 'tune_digits_sampling' failed; the first, trial_0000" in error
+    assert "Not a directory" in error
+    rows = list(csv.DictReader((tmp_path / "tune_digits_sampling" / "results.csv").open()))
+    assert [row["status"] for row in rows] == ["failed", "failed"]
+
+
+def test_a_sweep_where_some_trials_fail_completes_and_lists_them_as_failed(ray_cluster, trained_model, tmp_path):
+    from orchestrator.tune.run import run_tune
+
+    sweep = load_sweep(SAMPLING_SPEC, _sampling_overrides(trained_model, tmp_path, "num_trials=2", "job.evaluation.num_samples=50"))
+    _blocked(sweep, "trial_0001")
+    summary = run_tune(sweep)
+    assert summary.complete and summary.statuses == {"completed": 1, "failed": 1}
+    rows = list(csv.DictReader((Path(sweep.folder) / "results.csv").open()))
+    assert [(row["trial"], row["status"]) for row in rows] == [("0", "completed"), ("1", "failed")]
+    assert math.isfinite(float(rows[0]["frechet_distance"])) and rows[1]["frechet_distance"] == ""
+
+
 def _completed_trials(sweep) -> dict[int, tuple]:
     import optuna
+    from sqlalchemy.exc import SQLAlchemyError
 
     if not Path(sweep.storage_url.removeprefix("sqlite:///")).exists():
         return {}
     try:
         study = optuna.load_study(study_name=sweep.config.name, storage=sweep.storage_url)
     except KeyError:  # not created yet
+        return {}
+    except SQLAlchemyError:  # the sweep's process is creating the tables right now (both write alembic_version)
         return {}
     return {t.number: (t.params, t.values) for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))}
 

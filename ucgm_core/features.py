@@ -29,10 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ucgm_core.inception import INCEPTION_EXTRACTOR_NAME, InceptionFeatures
+from ucgm_core.pixels import quantize_to_uint8  # noqa: F401  (callers import it from here too)
+
 Tensor = torch.Tensor
 
 DIGIT_CLASSIFIER_NAME = "mnist-cnn-penultimate"
-INCEPTION_EXTRACTOR_NAME = "inception-v3-tf-pool3"
 DIGIT_PACKAGE = "digit_recognizer"
 DIGIT_PACKAGE_PIP_NAME = "digit-recognizer-py"
 DIGIT_WEIGHTS_RELATIVE_PATH = Path("models") / "handwriting_model.pth"
@@ -198,14 +200,6 @@ class DigitClassifierFeatures(nn.Module):
 
 
 FEATURE_EXTRACTOR_NAMES: tuple[str, ...] = (DIGIT_CLASSIFIER_NAME, INCEPTION_EXTRACTOR_NAME)
-UINT8_LEVELS = 255
-
-
-def quantize_to_uint8(images: Tensor) -> Tensor:
-    """[-1, 1] images -> uint8 pixels p = round((x + 1) * 127.5), clamped to [0, 255]: what saving
-    them as 8-bit PNG gives (the UCGM reference truncates instead; we round)."""
-    half = UINT8_LEVELS / 2.0
-    return ((images.detach().float() + 1.0) * half).round().clamp(0, UINT8_LEVELS).to(torch.uint8)
 
 
 def is_fid_extractor(name: str) -> bool:
@@ -220,7 +214,5 @@ def build_feature_extractor(
     if name == DIGIT_CLASSIFIER_NAME:
         return DigitClassifierFeatures(device=device, **options)  # type: ignore[arg-type]
     if name == INCEPTION_EXTRACTOR_NAME:
-        from ucgm_core.inception import InceptionFeatures  # imports this module
-
         return InceptionFeatures(device=device, **options)  # type: ignore[arg-type]
     raise ValueError(f"unknown feature extractor {name!r}; valid names: {list(FEATURE_EXTRACTOR_NAMES)}")

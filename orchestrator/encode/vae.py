@@ -43,7 +43,7 @@ class VaeShape:
             )
         config = json.loads(storage.read_bytes(config_file))
         if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
-            raise ConfigError(f"invalid job config:\n  encode.vae: {path!r} holds a {config['_class_name']}, not an AutoencoderKL")
+            raise ConfigError.of_job([f"encode.vae: {path!r} holds a {config['_class_name']}, not an AutoencoderKL; point it at an AutoencoderKL.save_pretrained folder"])
         return cls(
             in_channels=int(config.get("in_channels", 3)),
             latent_channels=int(config.get("latent_channels", 4)),

@@ -30,17 +30,29 @@ class DecoderSpec:
         return lambda latents: torch.cat([decode(network, part, self.shape) for part in latents.split(chunk)])
 
     def image_shape(self, latent_shape: tuple[int, int, int]) -> tuple[int, int, int]:
-        _, height, width = latent_shape
-        return (self.shape.in_channels, height * self.shape.downsampling, width * self.shape.downsampling)
+        return decoded_shape(self.shape, latent_shape)
 
 
-def decoder_spec(config: JobConfig, contents: ModelFileContents) -> DecoderSpec | None:
-    """For a model trained on latents (its channels are `encode.vae`'s latent channels), the VAE
-    that decodes its samples before features are taken or images written; None for pixel models."""
+def decoded_shape(shape: VaeShape, latent_shape: tuple[int, int, int]) -> tuple[int, int, int]:
+    """(C, H, W) of the images the VAE makes of latents of `latent_shape`."""
+    _, height, width = latent_shape
+    return (shape.in_channels, height * shape.downsampling, width * shape.downsampling)
+
+
+def latent_vae_shape(config: JobConfig, contents: ModelFileContents) -> VaeShape | None:
+    """`encode.vae`'s shape when the model samples its latents (its channels are the VAE's latent
+    channels), else None (a pixel model). Reads the VAE's config.json only."""
     if config.encode.vae is None:
         return None
     shape = VaeShape.read(config.encode.vae)
-    if contents.in_channels != shape.latent_channels:
+    return shape if contents.in_channels == shape.latent_channels else None
+
+
+def decoder_spec(config: JobConfig, contents: ModelFileContents) -> DecoderSpec | None:
+    """For a model trained on latents, the VAE that decodes its samples before features are
+    taken or images written; None for pixel models."""
+    shape = latent_vae_shape(config, contents)
+    if shape is None:
         return None
     _, digest = fetch_vae(config.encode.vae, config.encode.vae_sha256)
     return DecoderSpec(config.encode.vae, digest, shape)

@@ -3,7 +3,6 @@ spec sent to every actor, which builds it on its own device."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,17 +35,14 @@ def extractor_spec(config: JobConfig, image_shape: tuple[int, int, int]) -> Extr
     channels, size, _ = image_shape
     if evaluation.extractor == DIGIT_CLASSIFIER_NAME:
         if channels != 1:
-            raise ConfigError(
-                f"invalid job config:\n  evaluation.extractor: {DIGIT_CLASSIFIER_NAME} reads grey images but the "
+            raise ConfigError.of_job([
+                f"evaluation.extractor: {DIGIT_CLASSIFIER_NAME} reads grey images but the "
                 f"model makes {channels}-channel ones; use evaluation.extractor=inception-v3-tf-pool3"
-            )
+            ])
         return ExtractorSpec(DIGIT_CLASSIFIER_NAME, {"framing": "mnist_box" if size < MNIST_BOX_BELOW_SIZE else "stretch"})
     if channels not in (1, 3):
-        raise ConfigError(f"invalid job config:\n  evaluation.extractor: Inception reads 1- or 3-channel images, the model makes {channels}")
-    weights = evaluation.inception_weights
-    if weights is not None and "://" not in weights:
-        weights = os.path.abspath(weights)  # actors may run in another working directory
+        raise ConfigError.of_job([f"evaluation.extractor: Inception reads 1- or 3-channel images, the model makes {channels}"])
     return ExtractorSpec(
         evaluation.extractor,
-        {"weights": weights, "expected_sha256": evaluation.inception_sha256, "resize": evaluation.inception_resize},
+        {"weights": evaluation.inception_weights, "expected_sha256": evaluation.inception_sha256, "resize": evaluation.inception_resize},
     )

@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +37,7 @@ from PIL import Image
 from orchestrator import storage
 from orchestrator.config import JobConfig
 from orchestrator.errors import JobError
-from orchestrator.shard_folders import check_parameters, finished_shards, shard_name, write_shards
+from orchestrator.shard_folders import ShardActor, check_parameters, finished_shards, mark_done, shard_name, shard_span, write_parquet, write_shards
 from orchestrator.actor_pools import actor_device, actor_resources, connect_for_pool
 from orchestrator.sample.decoder import DecoderSpec, decoder_spec
 from orchestrator.sample.model_files import actor_model_file, model_file_path, read_model_file
@@ -63,8 +61,7 @@ def image_name(index: int) -> str:
 
 
 def output_folder(config: JobConfig) -> str:
-    out = config.evaluation.generation.out or storage.join(config.run_dir, "generated")
-    return out if "://" in out else os.path.abspath(out)
+    return config.evaluation.generation.out or storage.join(config.run_dir, "generated")
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
@@ -75,7 +72,7 @@ def png_bytes(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-class ShardWriter:
+class ShardWriter(ShardActor):
     """A Ray Data actor: one model copy; each input row names a shard, which it generates in
     batches and writes, marker last."""
 
@@ -99,18 +96,9 @@ class ShardWriter:
         self.out, self.plan, self.formats = out, plan, formats
         self.decode = decoder.build(self.device) if decoder is not None else None
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        counts, seconds = [], []
-        for shard in batch["shard"]:
-            started = time.perf_counter()
-            counts.append(self.write_shard(int(shard)))
-            seconds.append(time.perf_counter() - started)
-        return {"shard": np.asarray(batch["shard"], dtype=np.int64), "count": np.asarray(counts, dtype=np.int64), "seconds": np.asarray(seconds)}
-
     def write_shard(self, shard: int) -> int:
         plan = self.plan
-        first = shard * plan["shard_size"]
-        last = min(first + plan["shard_size"], plan["num_samples"])
+        first, last = shard_span(shard, plan["shard_size"], plan["num_samples"])
         rows: list[dict[str, Any]] = []
         for start in range(first, last, plan["batch_size"]):
             stop = min(start + plan["batch_size"], last)
@@ -127,31 +115,16 @@ class ShardWriter:
                 rows.append({"index": index, "seed": seeds[offset], "label": int(labels[offset]), "image": data})
         if "parquet" in self.formats:
             _write_parquet(storage.join(self.out, f"{shard_name(shard)}.parquet"), rows)
-        manifest = {
-            "shard": shard,
-            "first_index": first,
-            "count": len(rows),
-            "files": [f"{shard_name(shard)}/{image_name(r['index'])}" for r in rows] if "png" in self.formats else [],
-        }
-        storage.write_bytes(storage.join(self.out, f"{shard_name(shard)}.done"), json.dumps(manifest).encode())
+        files = [f"{shard_name(shard)}/{image_name(r['index'])}" for r in rows] if "png" in self.formats else []
+        mark_done(self.out, shard, {"first_index": first, "count": len(rows), "files": files})
         return len(rows)
 
 
 def _write_parquet(path: str, rows: list[dict[str, Any]]) -> None:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    table = pa.table(
-        {
-            "index": pa.array([r["index"] for r in rows], pa.int64()),
-            "seed": pa.array([r["seed"] for r in rows], pa.int64()),
-            "label": pa.array([r["label"] for r in rows], pa.int64()),
-            "image": pa.array([r["image"] for r in rows], pa.binary()),
-        }
-    )
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    storage.write_bytes(path, buffer.getvalue())
+    types = {"index": pa.int64(), "seed": pa.int64(), "label": pa.int64(), "image": pa.binary()}
+    write_parquet(path, {name: pa.array([r[name] for r in rows], kind) for name, kind in types.items()})
 
 
 @dataclass
@@ -174,7 +147,6 @@ def run_generate(config: JobConfig) -> GenerateSummary:
     started = time.perf_counter()
     generation = config.evaluation.generation
     out = output_folder(config)
-    storage.check_writable(out)
     model_bytes, contents = read_model_file(config)
     decoder = decoder_spec(config, contents)
     image_shape = [contents.in_channels, contents.input_size, contents.input_size]

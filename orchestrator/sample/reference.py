@@ -54,8 +54,9 @@ def save_reference(path: str, statistics: FeatureStatistics, extractor_identifie
     storage.write_bytes(path, buffer.getvalue())
 
 
-def load_reference(path: str, extractor_identifier: str) -> FeatureStatistics:
-    """Statistics written by `reference`; refused when computed with another extractor."""
+def load_reference(path: str, extractor_identifier: str | None) -> FeatureStatistics:
+    """Statistics written by `reference`; refused when computed with another extractor than the
+    one `extractor_identifier` names (None: not compared, for when the feature space is unknown)."""
     if not storage.exists(path):
         raise ReferenceStatisticsError(
             f"no reference statistics at {path!r}; compute them once with "
@@ -65,7 +66,7 @@ def load_reference(path: str, extractor_identifier: str) -> FeatureStatistics:
     statistics = FeatureStatistics.load(io.BytesIO(data))
     with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
         stored = str(arrays["extractor"]) if "extractor" in arrays.files else "<not recorded>"
-    if stored != extractor_identifier:
+    if extractor_identifier is not None and stored != extractor_identifier:
         raise ReferenceStatisticsError(
             f"reference statistics {path!r} were computed with {stored}, but this evaluation uses {extractor_identifier}; "
             "distances across feature spaces mean nothing. Recompute them with `python -m orchestrator reference <job.yaml>`"

@@ -20,7 +20,7 @@ def grid_settings(config: JobConfig) -> list[SamplerSettings]:
         try:
             settings.append(SamplerSettings(**{**base, **override}))
         except (TypeError, ValueError) as error:
-            raise ConfigError(f"invalid job config:\n  evaluation.sampler_grid: entry {index} on top of the sampler section: {error}") from None
+            raise ConfigError.of_job([f"evaluation.sampler_grid: entry {index} on top of the sampler section: {error}"]) from None
     return settings
 
 

@@ -1,7 +1,8 @@
-"""The `train` verb: `run_train` validates and picks the backend (`run.py`); both backends run the
-same loop (`loop.py`) over batches that are a function of the step (`batches.py`).
+"""The `train` verb: `run_train` picks the backend (`run.py`) for a job checked by
+`orchestrator.job_checks`; both backends run the same loop (`loop.py`) over batches that are a
+function of the step (`batches.py`).
 
-    run.py            the verb: driver-side checks, then the backend the job asks for
+    run.py            the verb: the backend the job asks for
     loop.py           TrainingRun (data, network, EMA, target network, objective) and train_loop
     ray_backend.py    Ray Train TorchTrainer workers + a DeepSpeed engine (ZeRO 0-3)
     local_backend.py  one process, plain torch: the reference the Ray backend is checked against
@@ -9,6 +10,7 @@ same loop (`loop.py`) over batches that are a function of the step (`batches.py`
     batches.py        which examples and which random draws a step uses
     checkpoints.py    run-folder checkpoints of the local backend; what a resume must match
     pretrained.py     model files a run starts from: train.initialize_from and train.teacher
+    worker_errors.py  a job's error found by a Ray Train worker ends the run, without retries
 """
 
 from orchestrator.train.run import run_train

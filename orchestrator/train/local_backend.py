@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 
-from orchestrator import storage
 from orchestrator.train import checkpoints
 from orchestrator.errors import ResourceError
 from orchestrator.config import JobConfig
@@ -95,6 +94,5 @@ class RunFolderCheckpointer:
 
 def run_train_local(config: JobConfig) -> TrainSummary:
     """Train in this process, resuming from the newest checkpoint of the run folder if there is one."""
-    storage.check_writable(config.run_dir)  # fails early on an unreachable storage path
     run = TrainingRun(config, device=resolve_device(config.train.device))
     return train_loop(run, TorchOptimization(run), RunFolderCheckpointer(config), tracker_factory(config))

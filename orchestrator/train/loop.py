@@ -30,6 +30,7 @@ from orchestrator import storage
 from orchestrator.train import pretrained
 from orchestrator.train.batches import BatchSchedule, step_generator
 from orchestrator.config import JobConfig
+from orchestrator.errors import ConfigError
 from orchestrator.image_grid import grid_png
 from orchestrator.tracking import NullTracker, Tracker, open_tracker
 from orchestrator.summary import VerbSummary
@@ -66,9 +67,14 @@ class TrainingRun:
         self.autocast_dtype = resolve_precision(config.train.precision, device)
         torch.manual_seed(config.seed)  # the same initial weights on every rank
 
-        self.dataset: ImageDataset = load_dataset(
-            config.data.name, path=config.data.path, image_size=config.data.image_size, limit=config.data.limit
-        )
+        try:
+            self.dataset: ImageDataset = load_dataset(
+                config.data.name, path=config.data.path, image_size=config.data.image_size, limit=config.data.limit
+            )
+        except (ValueError, FileNotFoundError) as error:
+            # what only reading the data shows (a folder without images, images of mixed sizes) is
+            # the job's fault: a JobError, which a Ray Train worker does not retry (worker_errors)
+            raise ConfigError.of_job([f"data: {error}"]) from None
         channels, size, _ = self.dataset.image_shape
         shape = {"input_size": size, "in_channels": channels, "num_classes": self.dataset.num_classes}
         self.model: DiT = build_dit(config.model, **shape)

@@ -2,66 +2,68 @@
 e.g. few-step training from a multi-step model) and `train.teacher` (the frozen network of a
 distillation objective). Both are model files written by `train` (model.pt), local or s3://.
 
-The driver checks that they exist before any cluster work; each rank reads them and refuses a file
-that does not fit the job (another architecture, data shape, class count or transport).
+The driver checks them before any cluster work (orchestrator.job_checks): each is a model file,
+and fits what the job says without its data (architecture for initial weights, transport for a
+teacher). Each rank reads them again and checks the rest against the data it loaded (image shape,
+class count): a backstop that also covers what only the data tells.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
 
 import torch
 
-from orchestrator import storage
 from orchestrator.config import JobConfig
 from orchestrator.errors import JobError
+from orchestrator.sample.model_files import read_model_file_at
 from ucgm_core.dit import DiT, DiTSettings
-from ucgm_core.model_file import ModelFileContents, load_model_file
+from ucgm_core.model_file import ModelFileContents
 
 # Settings that change how the network computes, not which weights it has.
 _RUNTIME_ONLY_SETTINGS = ("attention",)
 
+INITIALIZE_FROM, TEACHER = "train.initialize_from", "train.teacher"
+_MISFIT = {INITIALIZE_FROM: "does not fit this job's network", TEACHER: "cannot teach this job"}
+
 
 def model_sources(config: JobConfig) -> dict[str, str]:
     """The job's model-file keys that are set, e.g. {"train.teacher": "s3://b/teacher.pt"}."""
-    keys = {"train.initialize_from": config.train.initialize_from, "train.teacher": config.train.teacher}
+    keys = {INITIALIZE_FROM: config.train.initialize_from, TEACHER: config.train.teacher}
     return {key: path for key, path in keys.items() if path}
 
 
-def check_model_sources(config: JobConfig) -> None:
-    for key, path in model_sources(config).items():
-        if not storage.exists(path):
-            raise FileNotFoundError(
-                f"{key}: no model file at {path!r}; point it at a model.pt written by `python -m orchestrator train` (local path or s3://)"
-            )
+def misfit(key: str, path: str, source: ModelFileContents, config: JobConfig, data_shape: tuple[int, int, int] | None = None) -> str | None:
+    """Why the model file at `path` (named by `key`) cannot serve this job, or None. Without
+    `data_shape` (input_size, in_channels, num_classes) only what the config tells is compared."""
+    if key == INITIALIZE_FROM:
+        problems = _architecture_problems(source, config.model)
+    elif source.transport != config.transport:
+        problems = [f"it was trained on transport {source.transport!r}, this job uses {config.transport!r}"]
+    else:
+        problems = []
+    if data_shape is not None:
+        problems += _data_problems(source, *data_shape)
+    return f"{key}: {path!r} {_MISFIT[key]}: {'; '.join(problems)}" if problems else None
 
 
-def read_model_source(key: str, path: str) -> ModelFileContents:
-    try:
-        return load_model_file(io.BytesIO(storage.read_bytes(path)))
-    except (ValueError, RuntimeError, KeyError) as error:
-        raise JobError(f"{key}: {path!r} is not a usable model file: {error}") from None
+def _read_fitting(key: str, path: str, config: JobConfig, data_shape: tuple[int, int, int]) -> ModelFileContents:
+    _, source = read_model_file_at(key, path)
+    problem = misfit(key, path, source, config, data_shape)
+    if problem:
+        raise JobError(problem)
+    return source
 
 
 def initialize_weights(model: DiT, config: JobConfig, *, input_size: int, in_channels: int, num_classes: int) -> None:
     """Copy `train.initialize_from`'s weights into `model` (before EMA and target copies are taken)."""
-    path = config.train.initialize_from
-    source = read_model_source("train.initialize_from", path)
-    problems = _architecture_problems(source, config.model) + _data_problems(source, input_size, in_channels, num_classes)
-    if problems:
-        raise JobError(f"train.initialize_from: {path!r} does not fit this job's network: {'; '.join(problems)}")
+    source = _read_fitting(INITIALIZE_FROM, config.train.initialize_from, config, (input_size, in_channels, num_classes))
     model.load_state_dict(source.model.state_dict())
 
 
 def load_teacher(config: JobConfig, device: torch.device, *, input_size: int, in_channels: int, num_classes: int) -> DiT:
     """The frozen teacher of a distillation objective, on `device`."""
-    path = config.train.teacher
-    source = read_model_source("train.teacher", path)
-    problems = [] if source.transport == config.transport else [f"it was trained on transport {source.transport!r}, this job uses {config.transport!r}"]
-    problems += _data_problems(source, input_size, in_channels, num_classes)
-    if problems:
-        raise JobError(f"train.teacher: {path!r} cannot teach this job: {'; '.join(problems)}")
+    source = _read_fitting(TEACHER, config.train.teacher, config, (input_size, in_channels, num_classes))
     return source.model.to(device).eval().requires_grad_(False)
 
 

@@ -3,7 +3,8 @@ DeepSpeed engine.
 
 Who owns what:
 - Ray: placement (`ScalingConfig`), the process group (gloo on CPU, NCCL on GPU), restarts of
-  failed workers (`FailureConfig`), checkpoint persistence and retention (`RunConfig` storage,
+  failed workers (`FailureConfig`; a `JobError` is not retried, see
+  orchestrator.train.worker_errors), checkpoint persistence and retention (`RunConfig` storage,
   `CheckpointConfig`), and resuming a re-submitted job from its newest checkpoint.
 - DeepSpeed: the optimiser, gradient accumulation, gradient clipping, mixed precision and ZeRO
   sharding (stage 0 = plain data parallel, 1, 2, 3). Ray's `prepare_model` is never called: the
@@ -13,6 +14,9 @@ Who owns what:
 
 A checkpoint is one folder per step under `<output_dir>/<name>/checkpoint_XXXXXXXX/`: every rank's
 DeepSpeed shard plus `ucgm_state.pt` (EMA, target network, step, MLflow run id, config) from rank 0.
+
+The job reaches `run_train_ray` checked and with absolute paths (orchestrator.job_checks): workers
+run in their own working directories.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any
 import torch
 
 from orchestrator import cluster, storage
+from orchestrator.train import worker_errors
 from orchestrator.train.checkpoints import checkpoint_folder_name, latest_checkpoint, load_resumable_state
 from orchestrator.config import JobConfig, validate_job
 from orchestrator.train.optimizer import build_optimizer, warmup_schedule
@@ -170,35 +175,17 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     logging.getLogger("ray").setLevel(logging.WARNING)  # one line per report otherwise
     config = validate_job(loop_config["job"])
     context = ray.train.get_context()
-    run = TrainingRun(
-        config,
-        device=ray.train.torch.get_device(),
-        rank=context.get_world_rank(),
-        world_size=context.get_world_size(),
-    )
-    train_loop(run, DeepSpeedOptimization(run), RayCheckpointer(config), tracker_factory(config))
+    with worker_errors.job_errors_end_the_run(config.run_dir, context.get_world_rank()):
+        run = TrainingRun(
+            config,
+            device=ray.train.torch.get_device(),
+            rank=context.get_world_rank(),
+            world_size=context.get_world_size(),
+        )
+        train_loop(run, DeepSpeedOptimization(run), RayCheckpointer(config), tracker_factory(config))
 
 
 # --------------------------------------------------------------------------- driver side
-
-
-def _absolute_locations(config: JobConfig) -> JobConfig:
-    """Workers run in their own working directories, so relative local paths are made absolute
-    here, in the driver, before they travel (the MLflow store included)."""
-    from orchestrator.tracking import default_tracking_uri
-
-    updates: dict[str, Any] = {}
-    if "://" not in config.output_dir:
-        updates["output_dir"] = os.path.abspath(config.output_dir)
-    sources = {k: os.path.abspath(v) for k, v in config.train.model_dump(include={"initialize_from", "teacher"}).items() if v and "://" not in v}
-    if sources:
-        updates["train"] = config.train.model_copy(update=sources)
-    if config.tracking.enabled:
-        uri = config.tracking.tracking_uri or default_tracking_uri()
-        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-            uri = "sqlite:///" + os.path.abspath(uri.removeprefix("sqlite:///"))
-        updates["tracking"] = config.tracking.model_copy(update={"tracking_uri": uri})
-    return config.model_copy(update=updates)
 
 
 def check_resumable(config: JobConfig) -> None:
@@ -210,7 +197,7 @@ def check_resumable(config: JobConfig) -> None:
     load_resumable_state(latest[1], config, UCGM_STATE_FILE)
 
 
-def connect(config: JobConfig) -> None:
+def connect_for_training(config: JobConfig) -> None:
     """Join the cluster the job names, or start a local one in-process (reused if already up),
     with the environment Ray Train and DeepSpeed read at start."""
     os.environ.update({k: v for k, v in _WORKER_ENVIRONMENT.items() if k not in os.environ})
@@ -243,13 +230,11 @@ def run_train_ray(config: JobConfig, callbacks: tuple[Any, ...] = ()) -> TrainSu
     """Train with Ray Train + DeepSpeed; re-running the same job (same output_dir and name)
     resumes from its newest checkpoint. `callbacks`: Ray Train callbacks, e.g. the one that
     forwards reports to a Tune trial (orchestrator.tune.run)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    config = _absolute_locations(config)
-    storage.check_writable(config.run_dir)  # an unreachable storage path fails here, before Ray starts
     check_resumable(config)
-    connect(config)
+    connect_for_training(config)
     check_resources(config)
 
     distributed = config.distributed
@@ -271,5 +256,11 @@ def run_train_ray(config: JobConfig, callbacks: tuple[Any, ...] = ()) -> TrainSu
             callbacks=list(callbacks),
         ),
     )
-    trainer.fit()
+    worker_errors.clear_recorded(config.run_dir)
+    try:
+        trainer.fit()
+    except TrainingFailedError:
+        worker_errors.raise_recorded(config.run_dir)  # one rank's JobError, and the others' collateral failures
+        raise
+    worker_errors.raise_recorded(config.run_dir)
     return TrainSummary.from_json(storage.read_bytes(storage.join(config.run_dir, "summary.json")).decode())

@@ -21,14 +21,14 @@ from typing import Any
 import yaml
 
 from orchestrator import storage
+from orchestrator.summary import VerbSummary
+from orchestrator.tracking import Tracker
 from orchestrator.tune.space import SearchSpace, run_name
 from orchestrator.tune.spec import Sweep
-from orchestrator.tracking import Tracker
-from orchestrator.summary import VerbSummary
+from orchestrator.tune.trials import TRIAL_RESULT_FILE
 
 logger = logging.getLogger(__name__)
 
-TRIAL_RESULT_FILE = "trial_result.json"
 INTERRUPTED = "interrupted"  # user attribute of an Optuna trial a kill cut off (it was queued again)
 BEST_JOB_FILE = "best_job.yaml"
 
@@ -103,14 +103,12 @@ def pareto_front(records: list[TrialRecord], metrics: list[str]) -> list[TrialRe
 
 
 def best_job_yaml(sweep: Sweep, best: TrialRecord) -> str:
-    """The base job with the best trial's values: `python -m orchestrator train|evaluate <file>`."""
+    """The base job with the best trial's values, for the mode's verb: `python -m orchestrator
+    train|evaluate <file>` (a sampling sweep's base job names its model file and reference)."""
     raw = sweep.job_raw(best.params)
     raw["name"] = f"{sweep.config.name}_best"
     raw["output_dir"] = sweep.folder
-    verb = "train"
-    if sweep.config.mode == "sample":
-        raw.setdefault("evaluation", {}).update(model_file=sweep.model_file, reference_statistics=sweep.reference_statistics)
-        verb = "evaluate"
+    verb = sweep.mode.verb
     scores = ", ".join(f"{m} {best.values[m]:.6g}" for m in sweep.config.metrics)
     header = (
         f"# Best trial of sweep {sweep.config.name!r}: trial {best.number}, {best.run_dir} ({scores}; {best.score_samples} samples).\n"
@@ -120,11 +118,11 @@ def best_job_yaml(sweep: Sweep, best: TrialRecord) -> str:
 
 
 def results_csv(sweep: Sweep, records: list[TrialRecord], front: list[TrialRecord], best: TrialRecord | None) -> bytes:
-    metrics, keys = list(sweep.config.metrics), list(sweep.config.space)
+    metrics, keys, columns = list(sweep.config.metrics), list(sweep.config.space), sweep.mode.report_columns
     on_front = {r.number for r in front}
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["trial", "status", *keys, *metrics, "score_samples", "steps", "best", "pareto_optimal", "run_dir"])
+    writer.writerow(["trial", "status", *keys, *metrics, *columns, "best", "pareto_optimal", "run_dir"])
     for record in records:
         writer.writerow(
             [
@@ -132,8 +130,7 @@ def results_csv(sweep: Sweep, records: list[TrialRecord], front: list[TrialRecor
                 record.status,
                 *(json.dumps(record.params[k]) if isinstance(record.params.get(k), list) else record.params.get(k, "") for k in keys),
                 *(repr(record.values[m]) if m in record.values else "" for m in metrics),
-                record.score_samples or "",
-                record.steps if record.steps is not None else "",
+                *("" if getattr(record, column) is None else getattr(record, column) for column in columns),
                 int(best is not None and record.number == best.number),
                 int(record.number in on_front),
                 record.run_dir,

@@ -1,15 +1,11 @@
-"""The `tune` verb: a hyperparameter search over a job's keys with Ray Tune, Optuna and ASHA.
+"""The driver of the `tune` verb: a hyperparameter search over a job's keys with Ray Tune,
+Optuna and ASHA.
 
     Tuner ── OptunaSearch (define-by-run space, TPE / random / NSGA-II, seeded; the study in an
        │                   RDB store, sqlite under the sweep folder by default)
-       │  ── ASHAScheduler on the quick score training reports every train.score_every steps
-       └── one Tune function per trial:
-             train mode:  builds the trial's job and runs the real trainer, a Ray Train
-                          TorchTrainer + DeepSpeed (orchestrator.train.ray_backend), whose reports reach
-                          Tune through a TuneReportCallback (Train V2's Tune integration); the
-                          final score on evaluation.num_samples is the trial's last result
-             sample mode: runs the real evaluator (orchestrator.sample.evaluate) on one checkpoint with
-                          the trial's sampler settings
+       │  ── the mode's scheduler: ASHA on the quick score of a training sweep (orchestrator.tune.modes)
+       └── one Tune function per trial, the mode's (orchestrator.tune.trials): the real trainer
+           (Ray Train + DeepSpeed) or the real evaluator (Ray Data) on the trial's job
 
 Resources: Tune reserves a trial's driver (driver_cpus); the Train worker group reserves its own
 placement group and Ray Data schedules its actors and tasks outside the caller's, so the number
@@ -24,6 +20,9 @@ Tuner.restore is not used: Tune snapshots its experiment every few seconds while
 tells the study at once, so after a kill in between a restored Tune re-runs a trial the study
 has already closed and OptunaSearch fails on it (optuna UpdateFinishedTrialError); the study
 alone has no such gap.
+
+Failure: a sweep whose trials all fail raises the first one's error (a broken input or job, not
+bad luck with its values); one where only some fail completes and lists them as failed.
 """
 
 from __future__ import annotations
@@ -38,106 +37,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator import cluster, storage
-from orchestrator.config import JobConfig, validate_job
+from orchestrator.config import validate_job
 from orchestrator.errors import ConfigError, JobError, ResourceError
+from orchestrator.tune.modes import Workers
+from orchestrator.tune.report import INTERRUPTED, SweepSummary, report_sweep
 from orchestrator.tune.space import RESUMES, RUN_NAME, TRIAL_NUMBER, SearchSpace, run_name, trial_name
 from orchestrator.tune.spec import Sweep
-from orchestrator.tune.report import INTERRUPTED, TRIAL_RESULT_FILE, SweepSummary, report_sweep
+from orchestrator.tune.trials import TRIAL_RESULT_FILE, TrialSetup
 from orchestrator.tracking import default_tracking_uri, open_tracker
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "sweep_state.json"
-SCORE = "frechet_distance"
-
-
-# --------------------------------------------------------------------------- inside a trial
-
-
-@dataclass(frozen=True)
-class TrialSetup:
-    """What every trial needs from the driver (travels with the trainable)."""
-
-    sweep: Sweep
-    tracking_uri: str
-    experiment: str
-    parent_run_id: str | None
-    gpus_per_actor: float = 0.0
-
-    def trial_job(self, config: dict[str, Any]) -> JobConfig:
-        """The base job with the trial's values, its own run folder and a child MLflow run."""
-        sweep = self.sweep
-        raw = sweep.job_raw(SearchSpace(sweep.config.space).job_params(config))
-        raw["name"] = config[RUN_NAME]
-        raw["output_dir"] = storage.join(sweep.folder, "trials")
-        tracking = raw.setdefault("tracking", {})
-        tracking.update(tracking_uri=self.tracking_uri, experiment=self.experiment, parent_run_id=self.parent_run_id)
-        if sweep.config.mode == "sample":
-            evaluation = raw.setdefault("evaluation", {})
-            evaluation.update(model_file=sweep.model_file, reference_statistics=sweep.reference_statistics, sampler_grid=[], gpus_per_actor=self.gpus_per_actor)
-        return validate_job(raw)
-
-
-def _report_final(job: JobConfig, config: dict[str, Any], result: dict[str, Any]) -> None:
-    """The trial's result file (what the sweep's table reads), then its last Tune result."""
-    import ray.tune
-
-    record = {TRIAL_NUMBER: config[TRIAL_NUMBER], "config": config, **result}
-    storage.write_bytes(storage.join(job.run_dir, TRIAL_RESULT_FILE), json.dumps(record, indent=2).encode())
-    ray.tune.report({**result, "final": True})
-
-
-def training_trial(config: dict[str, Any], setup: TrialSetup) -> None:
-    """A Tune function: the real trainer (Ray Train + DeepSpeed) on the trial's job."""
-    from ucgm_core.sampler import count_network_evaluations
-
-    from orchestrator.train.ray_backend import run_train_ray
-
-    job = setup.trial_job(config)
-    nfe = count_network_evaluations(job.sampler)
-    summary = run_train_ray(job, callbacks=(_score_reports(job.train.steps, {"nfe": nfe}),))
-    if summary.frechet_trained is None:
-        raise JobError(f"trial {job.name} ended without a quality score; only grey-image datasets are scored during training")
-    result = {
-        SCORE: summary.frechet_trained,
-        "score_samples": job.evaluation.num_samples,
-        "nfe": nfe,
-        "train_seconds": summary.seconds,
-        "step": summary.steps,
-    }
-    _report_final(job, config, result)
-
-
-def sampling_trial(config: dict[str, Any], setup: TrialSetup) -> None:
-    """A Tune function: the real evaluator (Ray Data) on the sweep's checkpoint with the trial's
-    sampler settings."""
-    from orchestrator.sample.evaluate import run_evaluate
-
-    job = setup.trial_job(config)
-    summary = run_evaluate(job)
-    (scored,) = summary.results
-    result = {SCORE: scored.distance, "score_samples": summary.num_samples, "nfe": scored.nfe, "seconds": summary.seconds}
-    _report_final(job, config, result)
-
-
-def _score_reports(last_step: int, constants: dict[str, float]):
-    """Train V2's TuneReportCallback forwards every worker report to the Tune trial. Tune wants
-    the searched metric in every result, so only the reports that carry the quick score go
-    through, with the trial's constant metrics added; the one at the last step is left out
-    because the trial's final result (on more samples) stands for that step."""
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    class ScoreReports(TuneReportCallback):
-        def after_report(self, run_context, metrics, checkpoint):
-            first = metrics[0]
-            if SCORE not in first or first.get("step", 0) >= last_step:
-                return
-            super().after_report(run_context, [{**first, **constants}, *metrics[1:]], checkpoint)
-
-    return ScoreReports()
-
-
-# --------------------------------------------------------------------------- the driver
 
 
 def build_searcher(sweep: Sweep, storage_url: str | None):
@@ -159,24 +70,6 @@ def build_searcher(sweep: Sweep, storage_url: str | None):
     )
 
 
-def build_scheduler(sweep: Sweep):
-    """ASHA on the quick score, by training step; None when there is nothing to stop early."""
-    from ray.tune.schedulers import ASHAScheduler
-
-    config, train = sweep.config, sweep.base_job.train
-    if config.mode != "train" or not config.early_stopping.enabled:
-        return None
-    return ASHAScheduler(
-        time_attr="step",
-        metric=SCORE,
-        mode="min",
-        max_t=sweep.max_steps,
-        grace_period=config.early_stopping.grace_period or train.score_every,
-        reduction_factor=config.early_stopping.reduction_factor,
-        stop_last_trials=False,  # a trial at its last step still reports its final score
-    )
-
-
 def _rdb_storage(url: str):
     import optuna
 
@@ -192,18 +85,12 @@ class TrialResources:
     request: dict[str, float]  # what Tune reserves: the driver alone
 
 
-def trial_resources(sweep: Sweep, gpus_per_actor: float) -> TrialResources:
+def trial_resources(sweep: Sweep, workers: Workers) -> TrialResources:
     """Ray Train places its workers in a placement group of its own and Ray Data schedules its
     actors and tasks outside the caller's, so Tune reserves only a trial's driver and
     `concurrent_trials` limits how many whole trials run at once."""
-    config, job = sweep.config, sweep.base_job
-    if config.mode == "train":
-        distributed = job.distributed
-        workers = (distributed.num_workers * distributed.cpus_per_worker, distributed.num_workers * distributed.gpus_per_worker)
-    else:
-        evaluation = job.evaluation
-        workers = (evaluation.num_actors * evaluation.cpus_per_actor, evaluation.num_actors * gpus_per_actor)
-    return TrialResources(config.driver_cpus + workers[0], workers[1], {"CPU": config.driver_cpus})
+    driver = sweep.config.driver_cpus
+    return TrialResources(driver + workers.cpus, workers.gpus, {"CPU": driver})
 
 
 def concurrent_trials(sweep: Sweep, resources: TrialResources, remaining: int) -> int:
@@ -221,20 +108,7 @@ def concurrent_trials(sweep: Sweep, resources: TrialResources, remaining: int) -
     return max(1, min(sweep.config.max_concurrent_trials or remaining, remaining, fits))
 
 
-def _check_sampling_inputs(sweep: Sweep) -> None:
-    """The checkpoint and the reference statistics a sampling sweep scores against exist (and
-    match), before any trial starts."""
-    from orchestrator.sample.reference import load_reference, reference_path
-    from orchestrator.sample.extractors import extractor_spec
-    from orchestrator.sample.model_files import read_model_file
-
-    job = validate_job(sweep.job_raw({"evaluation.model_file": sweep.model_file, "evaluation.reference_statistics": sweep.reference_statistics}))
-    _, contents = read_model_file(job)
-    spec = extractor_spec(job, (contents.in_channels, contents.input_size, contents.input_size))
-    load_reference(reference_path(job), spec.build("cpu").identifier())
-
-
-def _study(sweep: Sweep):
+def open_study(sweep: Sweep):
     """The sweep's Optuna study (created or loaded), refused when it was made for another
     space or other metrics: its history would not describe this search."""
     import optuna
@@ -316,37 +190,22 @@ def _trial_label(trial) -> str:
 
 def run_tune(sweep: Sweep) -> SweepSummary:
     """Run the sweep, or continue it: trials already ended in its study count towards
-    num_trials; write its table, plot, best job and MLflow runs."""
-    import ray.tune
-    from ray.tune import FailureConfig, RunConfig, TuneConfig, Tuner
-
+    num_trials; write its table, plot, best job and MLflow runs. Raises JobError (ConfigError
+    for a config problem) with the first trial's error when every trial of this run failed."""
     started = time.perf_counter()
-    config, job = sweep.config, sweep.base_job
+    config, job, mode = sweep.config, sweep.base_job, sweep.mode
     storage.check_writable(sweep.folder)
-    if config.mode == "sample":
-        _check_sampling_inputs(sweep)
-    study = _study(sweep)
+    mode.check_inputs(sweep)
+    study = open_study(sweep)
     settle_interrupted(sweep, study)
     remaining = config.num_trials - finished_trials(study)
 
     # the local cluster (when the job names none) is sized for max_concurrent_trials whole trials
-    preview = trial_resources(sweep, gpus_per_actor=0.0)
-    cluster.connect(job.distributed.ray_address, (config.max_concurrent_trials or 1) * preview.cpus)
-    gpus_per_actor = 0.0
-    if config.mode == "sample":
-        from orchestrator.actor_pools import actor_resources
-
-        gpus_per_actor = actor_resources(job).gpus
-    else:
-        d = job.distributed
-        cluster.check_fits(
-            d.num_workers, {"CPU": d.cpus_per_worker, "GPU": d.gpus_per_worker}, f"{d.num_workers} training workers of each trial",
-            "lower distributed.num_workers, cpus_per_worker or gpus_per_worker in job_overrides",
-        )
-    resources = trial_resources(sweep, gpus_per_actor)
+    cluster.connect(job.distributed.ray_address, (config.max_concurrent_trials or 1) * (config.driver_cpus + mode.worker_cpus(job)))
+    workers = mode.place_workers(job)
 
     state = _State(sweep.folder)
-    tracking_uri = _absolute_tracking_uri(job)
+    tracking_uri = job.tracking.tracking_uri or default_tracking_uri()  # absolute: load_sweep resolved it
     experiment = job.tracking.experiment or config.name
     parent = open_tracker(job.tracking.enabled, tracking_uri, experiment, run_id=state.data.get("mlflow_run_id"), run_name=config.name)
     state.data["mlflow_run_id"] = parent.run_id
@@ -355,37 +214,12 @@ def run_tune(sweep: Sweep) -> SweepSummary:
     try:
         parent.set_tags({"verb": "tune", "sweep_folder": sweep.folder, "study": sweep.storage_url, "mode": config.mode})
         parent.log_params(_sweep_params(sweep))
+        grid = None
         if remaining > 0:
-            concurrency = concurrent_trials(sweep, resources, remaining)
-            session = {"name": f"session_{len(state.sessions):03d}", "num_samples": remaining, "complete": False}
-            state.sessions.append(session)
-            state.save()
-            logger.info(
-                "sweep %s: %d trials to run (%d ended before), %d at once (each %g CPUs, %g GPUs)",
-                config.name, remaining, config.num_trials - remaining, concurrency, resources.cpus, resources.gpus,
-            )
-            function = training_trial if config.mode == "train" else sampling_trial
-            setup = TrialSetup(sweep, tracking_uri, experiment, parent.run_id, gpus_per_actor)
-            tuner = Tuner(
-                ray.tune.with_resources(ray.tune.with_parameters(function, setup=setup), resources.request),
-                tune_config=TuneConfig(
-                    search_alg=build_searcher(sweep, sweep.storage_url),
-                    scheduler=build_scheduler(sweep),
-                    num_samples=remaining,
-                    max_concurrent_trials=concurrency,
-                    trial_name_creator=_trial_label,
-                    trial_dirname_creator=_trial_label,
-                ),
-                run_config=RunConfig(
-                    name=session["name"],
-                    storage_path=storage.join(sweep.folder, "tune"),
-                    failure_config=FailureConfig(max_failures=0, fail_fast=False),
-                    verbose=1,
-                ),
-            )
-            grid = tuner.fit()
+            setup = TrialSetup(sweep, tracking_uri, experiment, parent.run_id, workers.job_values)
+            grid = _run_session(sweep, state, setup, trial_resources(sweep, workers), remaining)
             complete = len(grid) == remaining and grid.num_terminated + grid.num_errors == len(grid)
-            session["complete"] = complete
+            state.sessions[-1]["complete"] = complete
             state.save()
             if not complete:
                 logger.warning("the sweep was interrupted; run the same command again to continue it")
@@ -393,6 +227,8 @@ def run_tune(sweep: Sweep) -> SweepSummary:
         summary = report_sweep(sweep, study, parent, complete=complete, seconds=time.perf_counter() - started, logged=logged)
         state.data["logged_trials"] = sorted(logged)
         state.save()
+        if grid is not None and len(grid) and grid.num_errors == len(grid):
+            raise first_trial_error(sweep, grid)
     except BaseException:
         parent.finish("FAILED")
         raise
@@ -400,11 +236,54 @@ def run_tune(sweep: Sweep) -> SweepSummary:
     return summary
 
 
-def _absolute_tracking_uri(job: JobConfig) -> str:
-    uri = job.tracking.tracking_uri or default_tracking_uri()
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + os.path.abspath(uri.removeprefix("sqlite:///"))
-    return uri
+def _run_session(sweep: Sweep, state: _State, setup: TrialSetup, resources: TrialResources, remaining: int):
+    """One Tune session of `remaining` trials, recorded in the sweep state; its ResultGrid."""
+    import ray.tune
+    from ray.tune import FailureConfig, RunConfig, TuneConfig, Tuner
+
+    config, mode = sweep.config, sweep.mode
+    concurrency = concurrent_trials(sweep, resources, remaining)
+    session = {"name": f"session_{len(state.sessions):03d}", "num_samples": remaining, "complete": False}
+    state.sessions.append(session)
+    state.save()
+    logger.info(
+        "sweep %s: %d trials to run (%d ended before), %d at once (each %g CPUs, %g GPUs)",
+        config.name, remaining, config.num_trials - remaining, concurrency, resources.cpus, resources.gpus,
+    )
+    tuner = Tuner(
+        ray.tune.with_resources(ray.tune.with_parameters(mode.trainable(), setup=setup), resources.request),
+        tune_config=TuneConfig(
+            search_alg=build_searcher(sweep, sweep.storage_url),
+            scheduler=mode.scheduler(sweep),
+            num_samples=remaining,
+            max_concurrent_trials=concurrency,
+            trial_name_creator=_trial_label,
+            trial_dirname_creator=_trial_label,
+        ),
+        run_config=RunConfig(
+            name=session["name"],
+            storage_path=storage.join(sweep.folder, "tune"),
+            failure_config=FailureConfig(max_failures=0, fail_fast=False),
+            verbose=1,
+        ),
+    )
+    return tuner.fit()
+
+
+def first_trial_error(sweep: Sweep, grid) -> JobError:
+    """The error of the lowest-numbered failed trial of a Tune ResultGrid, as the JobError the
+    CLI prints (a ConfigError stays one, so the exit code says it is the config). Tune hands
+    back what the trial raised wrapped in a RayTaskError whose `cause` is the original; a
+    trial whose actor died has a TuneError only."""
+    failed = sorted((result for result in grid if result.error is not None), key=lambda result: result.config[TRIAL_NUMBER])
+    first = failed[0]
+    cause = getattr(first.error, "cause", None) or first.error
+    message = str(cause) if isinstance(cause, JobError) else f"{type(cause).__name__}: {cause}"
+    error = ConfigError if isinstance(cause, ConfigError) else JobError
+    return error(
+        f"all {len(failed)} trials of sweep {sweep.config.name!r} failed; the first, {trial_name(first.config[TRIAL_NUMBER])} "
+        f"(run folder {storage.join(sweep.folder, 'trials', first.config[RUN_NAME])}, Tune folder {first.path}), with: {message}"
+    )
 
 
 def _sweep_params(sweep: Sweep) -> dict[str, Any]:

@@ -5,7 +5,7 @@ before any trial starts.
     name: tune_digits
     job: digits.yaml                          # the base job, relative to this file
     job_overrides: {train.steps: 300, train.score_every: 50}
-    mode: train                               # or sample: each trial scores `checkpoint` once
+    mode: train                               # or sample: each trial scores `model_file` once
     metrics: [frechet_distance]               # + nfe or train_seconds: multi-objective
     num_trials: 6
     max_concurrent_trials: 2
@@ -19,6 +19,10 @@ before any trial starts.
 A key may index into a list value (`sampler.boundary_gaps.1`). A parameter with `when:` is
 suggested only when the condition on an earlier parameter holds; otherwise the job keeps the
 base value (Optuna's define-by-run space, see orchestrator.tune.space).
+
+Trials run in Tune's per-trial working directory, so the base job's relative paths (output_dir,
+a relative `model_file=`, the default reference statistics under `outputs/`) are made absolute
+here, on the driver, against the directory `tune` was started in.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import copy
 import dataclasses
 import difflib
 import json
+import logging
 import operator
 import os
 import re
@@ -37,10 +42,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from orchestrator import storage
-from orchestrator.config import JobConfig, apply_override, flatten, migrate_renamed_keys, validate_job
+from orchestrator.config import RENAMED_KEYS, JobConfig, apply_override, flatten, migrate_renamed_keys, validate_job
 from orchestrator.errors import ConfigError
+from orchestrator.job_checks import check_outputs_outlive_the_job, resolve_locations
+from orchestrator.tune.modes import METRICS, MODES, SweepMode, mode_of
 
-METRICS = ("frechet_distance", "nfe", "train_seconds")
+logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- conditions
 
@@ -205,9 +212,9 @@ class SweepConfig(_Spec):
     name: str = Field("sweep", min_length=1, description="sweep folder <output_dir>/<name>, Optuna study and MLflow parent run name")
     job: str = Field(..., description="base job spec (YAML), relative to the sweep file")
     job_overrides: dict[str, Any] = Field({}, description="dotted job keys fixed for every trial, e.g. {train.steps: 300}")
-    mode: Literal["train", "sample"] = Field("train", description="train: every trial trains (Ray Train); sample: every trial evaluates `model_file`")
+    mode: Literal[tuple(MODES)] = Field("train", description="train: every trial trains (Ray Train); sample: every trial evaluates `model_file`")
     model_file: str | None = Field(None, description="sample mode: the model file; default <base job run_dir>/model.pt")
-    metrics: tuple[Literal["frechet_distance", "nfe", "train_seconds"], ...] = Field(
+    metrics: tuple[Literal[METRICS], ...] = Field(
         ("frechet_distance",), min_length=1, description="minimised; a second one makes the search multi-objective (Pareto front)"
     )
     num_trials: int = Field(..., gt=0, description="trials in all, including those of earlier runs of this sweep")
@@ -229,14 +236,9 @@ class SweepConfig(_Spec):
 
     @model_validator(mode="after")
     def _mode_fits(self) -> SweepConfig:
-        if self.mode == "sample":
-            others = [key for key in self.space if not key.startswith("sampler.")]
-            if others:
-                raise ValueError(f"space: a sampling-only sweep (mode: sample) searches sampler.* keys only; {others} need training, use mode: train")
-            if "train_seconds" in self.metrics:
-                raise ValueError("metrics: train_seconds needs training; a sampling-only sweep (mode: sample) can minimise frechet_distance and nfe")
-        elif self.model_file is not None:
-            raise ValueError("model_file: only a sampling-only sweep (mode: sample) reads a model file; remove it or set mode: sample")
+        problems = mode_of(self).spec_problems(self)
+        if problems:
+            raise ValueError("\n  ".join(problems))
         return self
 
     @property
@@ -256,24 +258,8 @@ class Sweep:
     storage_url: str
 
     @property
-    def max_steps(self) -> int:
-        steps = self.config.space.get("train.steps")
-        return max(int(v) for v in steps.extremes()) if steps is not None else self.base_job.train.steps
-
-    @property
-    def model_file(self) -> str:
-        """Sample mode: the model file every trial scores (default: the base job's model.pt)."""
-        path = self.config.model_file or storage.join(self.base_job.run_dir, "model.pt")
-        return path if "://" in path else os.path.abspath(path)
-
-    @property
-    def reference_statistics(self) -> str:
-        """Sample mode: the reference statistics of the base job (trials write elsewhere, so
-        they are told where the base job's are)."""
-        from orchestrator.sample.reference import reference_path
-
-        path = reference_path(self.base_job)
-        return path if "://" in path else os.path.abspath(path)
+    def mode(self) -> SweepMode:
+        return mode_of(self.config)
 
     def job_raw(self, params: dict[str, Any]) -> dict[str, Any]:
         """The base job's raw keys with `params` (dotted job keys) set."""
@@ -295,38 +281,75 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     raw = _read_mapping(path, "sweep spec")
     for override in overrides:
         _apply_sweep_override(raw, override)
+    migrate_renamed_keys(raw, RENAMED_SWEEP_KEYS, "sweep spec")
+    for section in ("job_overrides", "space"):
+        _migrate_renamed_job_keys(raw, section)
     try:
-        config = SweepConfig.model_validate(migrate_renamed_keys(raw, RENAMED_SWEEP_KEYS, "sweep spec"))
+        config = SweepConfig.model_validate(raw)
     except ValidationError as error:
         problems = list(dict.fromkeys(_describe(e) for e in error.errors()))
         raise ConfigError("invalid sweep spec:\n  " + "\n  ".join(problems)) from None
 
-    job_path = path.parent / config.job  # an absolute `job` stays as it is
-    base_raw = _read_mapping(job_path, "base job (sweep key `job`)")
+    base_raw, base_job = _base_job(config, path.parent / config.job)  # an absolute `job` stays as it is
+    folder = storage.absolute(storage.join(config.output_dir or base_job.output_dir, config.name))
+    sweep = Sweep(config, base_raw, base_job, folder, _storage_url(config, folder))
+    check_space(sweep)
+    return sweep
+
+
+def _base_job(config: SweepConfig, job_path: Path) -> tuple[dict[str, Any], JobConfig]:
+    """The base job as raw keys and validated: its YAML, job_overrides and the job values the
+    sweep's mode sets, with every relative local path made absolute in the raw keys too (the
+    trials build their jobs from them, in another working directory)."""
+    base_raw = migrate_renamed_keys(_read_mapping(job_path, "base job (sweep key `job`)"), what=f"base job {str(job_path)!r}")
     try:
         defaults = validate_job(copy.deepcopy(base_raw)).model_dump(mode="json")
     except ConfigError as error:
         raise ConfigError(f"the base job {str(job_path)!r} is invalid: {error}") from None
-    problems = []
-    for key, value in config.job_overrides.items():
-        problem = _unknown_key(key, defaults, "job_overrides")
-        if problem:
-            problems.append(problem)
-        else:
-            set_job_value(base_raw, key, value, defaults)
+    problems = [problem for problem in (_unknown_key(key, defaults, "job_overrides") for key in config.job_overrides) if problem]
     if problems:
         raise ConfigError("invalid sweep spec:\n  " + "\n  ".join(problems))
+    mode = mode_of(config)
+    for key, value in {**config.job_overrides, **mode.job_values(config)}.items():
+        set_job_value(base_raw, key, value, defaults)
+    job = _with_overrides(base_raw, job_path)
+
+    # inside `ray job submit` relative outputs would land in the job's temporary copy of the
+    # working directory: refused there, before they are resolved (and so no longer look relative)
+    sweep_root = job.model_copy(update={"output_dir": config.output_dir}) if config.output_dir else job
+    check_outputs_outlive_the_job(sweep_root, mode.verb)
+    given = flatten(job.model_dump(mode="json"))
+    resolved = resolve_locations(job)  # against the directory `tune` runs in
+    pinned = {key: value for key, value in flatten(resolved.model_dump(mode="json")).items() if given.get(key) != value}
+    for key, value in {**pinned, **mode.fixed_inputs(resolved)}.items():
+        set_job_value(base_raw, key, value, defaults)
+    return base_raw, _with_overrides(base_raw, job_path)
+
+
+def _with_overrides(base_raw: dict[str, Any], job_path: Path) -> JobConfig:
     try:
-        base_job = validate_job(copy.deepcopy(base_raw))
+        return validate_job(copy.deepcopy(base_raw))
     except ConfigError as error:
         raise ConfigError(f"the base job {str(job_path)!r} with job_overrides is invalid: {error}") from None
 
-    folder = storage.join(config.output_dir or base_job.output_dir, config.name)
-    if "://" not in folder:
-        folder = os.path.abspath(folder)
-    sweep = Sweep(config, base_raw, base_job, folder, _storage_url(config, folder))
-    check_space(sweep)
-    return sweep
+
+def _migrate_renamed_job_keys(raw: dict[str, Any], section: str) -> None:
+    """Dotted job keys of `job_overrides` or `space` under a name orchestrator.config.RENAMED_KEYS
+    retired (`evaluation.checkpoint`) move to the new name, with the warning a job spec gets,
+    before they are checked against the job; the order of the entries stays (it is the order
+    the space is suggested in)."""
+    entries = raw.get(section)
+    if not isinstance(entries, dict):
+        return
+    migrated: dict[str, Any] = {}
+    for key, value in entries.items():
+        new = next((renamed + key[len(old) :] for old, renamed in RENAMED_KEYS.items() if key == old or key.startswith(old + ".")), key)
+        if new != key:
+            if new in entries:
+                raise ConfigError(f"invalid sweep spec:\n  {section}.{key}: renamed to {new}, and both are set; keep only {new}")
+            logger.warning("sweep spec: %s.%s is deprecated and will stop working in 0.3; rename it to %s.%s", section, key, section, new)
+        migrated[new] = value
+    raw[section] = migrated
 
 
 def check_space(sweep: Sweep) -> None:
@@ -358,11 +381,7 @@ def check_space(sweep: Sweep) -> None:
                 reasons = str(error).split("\n", 1)[-1].strip().replace("\n  ", "; ")
                 problems.append(f"space.{key}: the value {value!r} is rejected by the job schema ({reasons}); narrow the range")
         earlier.append(key)
-    if config.mode == "train" and config.early_stopping.enabled and not sweep.base_job.train.score_every:
-        problems.append(
-            "early_stopping: training reports no intermediate score (train.score_every is 0); set job_overrides: "
-            "{train.score_every: N} (e.g. a tenth of train.steps), or early_stopping.enabled: false"
-        )
+    problems += sweep.mode.sweep_problems(sweep)
     if problems:
         raise ConfigError("invalid sweep spec:\n  " + "\n  ".join(problems))
 
@@ -490,7 +509,8 @@ def _describe(error: dict[str, Any]) -> str:
         return f"{key}.type: {'unknown type ' + repr(given) + '; ' if given else 'missing; '}{hint}choose one of {list(_DISTRIBUTIONS)}"
     message = error["msg"].removeprefix("Value error, ")
     if kind == "value_error":
-        return f"{key}: {message}"
+        # a whole-spec check (`_mode_fits`) has no location; its messages name their keys
+        return f"{key}: {message}" if location else message
     return f"{key}: {message} (got {error.get('input')!r})"
 
 

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from orchestrator.config import load_job  # noqa: E402
-from orchestrator.train.run import run_train  # noqa: E402
+from orchestrator.verbs import run_job  # noqa: E402
 from ucgm_core.datasets import load_dataset  # noqa: E402
 from ucgm_core.evaluation import dataset_statistics, sample_statistics  # noqa: E402
 from ucgm_core.features import DigitClassifierFeatures  # noqa: E402
@@ -96,7 +96,7 @@ def train(system: System, out: Path, args) -> dict:
     if summary_path.exists() and json.loads(summary_path.read_text())["steps"] >= args.steps:
         return json.loads(summary_path.read_text())
     started = time.perf_counter()
-    summary = run_train(config)
+    summary = run_job("train", config)
     print(f"{system.job}: trained {summary.steps} steps in {time.perf_counter() - started:.0f} s", flush=True)
     return dataclasses.asdict(summary)
 

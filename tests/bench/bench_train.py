@@ -35,7 +35,7 @@ from orchestrator.config import load_job  # noqa: E402
 from ucgm_core.datasets import load_dataset  # noqa: E402
 from ucgm_core.dit import build_dit  # noqa: E402
 from ucgm_core.ema import ModelEMA  # noqa: E402
-from ucgm_core.objective import UnifiedObjective  # noqa: E402
+from ucgm_core.systems import UnifiedObjective  # noqa: E402
 from ucgm_core.transports import build_transport  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -210,11 +210,11 @@ def main() -> None:
 
     import ray
 
-    from orchestrator.train.ray_backend import connect
+    from orchestrator.train.ray_backend import connect_for_training
 
     bare_timings = bare_loop(args)
     bare = bare_timings["images_per_second"]
-    connect(job(args, "distributed.num_workers=2", "distributed.cpus_per_worker=1"))
+    connect_for_training(job(args, "distributed.num_workers=2", "distributed.cpus_per_worker=1"))
     rows = [("bare single-process loop", bare, bare_timings)]
     engine_only = deepspeed_without_ray(args)
     rows.append(("DeepSpeed engine, ZeRO-0, this process, no Ray", engine_only["images_per_second"], engine_only))

@@ -1,15 +1,17 @@
-"""The seed systems as configurations of one training interface (ALGORITHMS.md sec. 5).
+"""The training systems: UCGM-T and the seed systems as configurations of one training interface
+(ALGORITHMS.md sec. 3 and 5).
 
 Every system is a frozen settings dataclass with a `kind` discriminator plus a small objective with
-UnifiedObjective's call signature (`common.TrainingObjective`); its sampler is a UCGM-S
-`SamplerSettings` value. The training loop never branches on the system:
+the `common.TrainingObjective` interface; its sampler is a UCGM-S `SamplerSettings` value. Each is
+one record in the registry (`registry.py`), which the job schema, the presets and the builders
+read. The training loop never branches on the system:
 
     objective = build_objective(settings, transport, teacher=teacher)     # teacher: distillation only
     ... objective(model, target_or_None, x, labels, generator=g, step=step) -> ObjectiveOutput
 
 | kind           | settings class                  | objective                        | module       |
 |----------------|---------------------------------|----------------------------------|--------------|
-| (UCGM-T)       | ObjectiveSettings               | UnifiedObjective                 | objective.py |
+| "ucgm"         | ObjectiveSettings               | UnifiedObjective (UCGM-T)        | ucgm.py      |
 | "scm"          | ContinuousConsistencySettings   | ContinuousConsistencyObjective   | scm.py       |
 | "multistep_cm" | MultistepConsistencySettings    | MultistepConsistencyObjective    | multistep.py |
 | "shortcut"     | ShortcutSettings                | ShortcutObjective                | shortcut.py  |
@@ -20,71 +22,31 @@ Named presets (transport, objective, sampler, network needs) are in `presets.py`
 
 from __future__ import annotations
 
-from typing import Callable, Union
-
-from ucgm_core.objective import ObjectiveSettings, UnifiedObjective
-from ucgm_core.transports import Transport
-
-from ucgm_core.systems import esc, scm
-from ucgm_core.systems.common import AdaptiveWeight, Network, TrainingObjective
+from ucgm_core.systems import esc, multistep, scm, shortcut, ucgm
+from ucgm_core.systems.common import AdaptiveWeight, Network, ObjectiveOutput, TrainingObjective
 from ucgm_core.systems.esc import ExplicitShortcutObjective, ExplicitShortcutSettings
 from ucgm_core.systems.multistep import MultistepConsistencyObjective, MultistepConsistencySettings
+from ucgm_core.systems.presets import PRESETS, SystemPreset, preset
+from ucgm_core.systems.registry import (
+    SYSTEMS,
+    SystemRecord,
+    SystemSettings,
+    build_objective,
+    needs_teacher,
+    register,
+    system,
+    transport_problem,
+)
 from ucgm_core.systems.scm import ContinuousConsistencyObjective, ContinuousConsistencySettings
 from ucgm_core.systems.shortcut import ShortcutObjective, ShortcutSettings
-from ucgm_core.systems.presets import PRESETS, SystemPreset, preset
+from ucgm_core.systems.ucgm import ObjectiveSettings, UnifiedObjective
 
-SystemSettings = Union[
-    ContinuousConsistencySettings, MultistepConsistencySettings, ShortcutSettings, ExplicitShortcutSettings
-]
-
-SYSTEM_SETTINGS: dict[str, type] = {
-    "scm": ContinuousConsistencySettings,
-    "multistep_cm": MultistepConsistencySettings,
-    "shortcut": ShortcutSettings,
-    "esc": ExplicitShortcutSettings,
-}
-
-_OBJECTIVES: dict[str, Callable[..., TrainingObjective]] = {
-    "scm": ContinuousConsistencyObjective,
-    "multistep_cm": MultistepConsistencyObjective,
-    "shortcut": ShortcutObjective,
-    "esc": ExplicitShortcutObjective,
-}
-
-
-# Systems defined for particular transports only; the others take any transport.
-_TRANSPORTS: dict[str, tuple[str, ...]] = {"scm": scm.TRANSPORTS, "esc": esc.TRANSPORTS}
-
-
-def transport_problem(settings: ObjectiveSettings | SystemSettings, transport_name: str) -> str | None:
-    """Why `transport_name` does not fit the system, or None (checked before a job starts)."""
-    allowed = _TRANSPORTS.get(settings.kind)
-    if allowed is None or transport_name in allowed:
-        return None
-    return f"{settings.kind} is defined for the transport(s) {list(allowed)}, got {transport_name!r}; set transport: {allowed[0]}"
-
-
-def needs_teacher(settings: ObjectiveSettings | SystemSettings) -> bool:
-    """Distillation modes train against a frozen teacher network."""
-    return getattr(settings, "mode", "training") == "distillation"
-
-
-def build_objective(
-    settings: ObjectiveSettings | SystemSettings, transport: Transport, *, teacher: Network | None = None
-) -> TrainingObjective:
-    """UnifiedObjective for ObjectiveSettings, else the objective of `settings.kind`.
-
-    teacher: a frozen network of the same transport (e.g. `load_model_file(path).model`), required by
-    the distillation modes (sCD, Multistep CD) and refused elsewhere."""
-    if isinstance(settings, ObjectiveSettings):
-        if teacher is not None:
-            raise ValueError("UCGM-T takes no teacher; few-step training starts from the checkpoint instead")
-        return UnifiedObjective(transport, settings)
-    kind = getattr(settings, "kind", None)
-    if kind not in _OBJECTIVES:
-        raise ValueError(f"unknown system settings {settings!r}; use ObjectiveSettings or one of kinds {sorted(_OBJECTIVES)}")
-    return _OBJECTIVES[kind](transport, settings, teacher=teacher)
-
+# The seed systems, UCGM-T first (the job schema's default kind). A new system: its module and one line here.
+register(ucgm.SYSTEM)
+register(scm.SYSTEM)
+register(multistep.SYSTEM)
+register(shortcut.SYSTEM)
+register(esc.SYSTEM)
 
 __all__ = [
     "AdaptiveWeight",
@@ -94,15 +56,22 @@ __all__ = [
     "ExplicitShortcutSettings",
     "MultistepConsistencyObjective",
     "MultistepConsistencySettings",
+    "Network",
+    "ObjectiveOutput",
+    "ObjectiveSettings",
     "PRESETS",
-    "SYSTEM_SETTINGS",
+    "SYSTEMS",
     "ShortcutObjective",
     "ShortcutSettings",
     "SystemPreset",
+    "SystemRecord",
     "SystemSettings",
     "TrainingObjective",
+    "UnifiedObjective",
     "build_objective",
     "needs_teacher",
     "preset",
+    "register",
+    "system",
     "transport_problem",
 ]

@@ -1,7 +1,14 @@
-"""Pieces shared by the seed systems: the training-objective interface, DDIM-style jumps written
-against any transport, forward-mode derivatives, warm-ups and sCM's learned loss weight.
+"""What the training systems share at run time: the training-objective interface, the noised
+batch every objective opens with, RNG replay, DDIM-style jumps written against any transport,
+forward-mode derivatives, per-sample losses, warm-ups and sCM's learned loss weight. (What their
+settings share, the range checks, is `checks.py`.)
 
 Time convention as everywhere: t = 0 data, t = 1 noise; x_t = alpha(t) z + gamma(t) x.
+
+**The batch.** Every objective draws its times from the caller's generator first (one time, or
+several for the multi-time systems), then `noised_batch` draws z ~ N(0, I) from the same generator,
+puts the data on the path and drops labels: the last round(p n) of the last n rows (n = the batch
+unless a system trains only part of it with dropout) get the null label `num_classes`.
 
 **The two-time network.** Shortcut models and ESC predict a jump from t to an earlier time r <= t.
 They are called as `network(x_t, network_time(t), labels, r=network_time(r))`: the second time is
@@ -22,18 +29,28 @@ the averaged velocity of two half steps in shortcut models).
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Callable, Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Callable, Iterator, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from ucgm_core.ema import TargetNetwork
-from ucgm_core.objective import ObjectiveOutput, RandomStateReplay
+from ucgm_core.time_distributions import TimeDistribution
 from ucgm_core.transports import Transport, broadcast_time
 
 Tensor = torch.Tensor
 Network = Callable[..., Tensor]
+
+
+@dataclass
+class ObjectiveOutput:
+    """loss: scalar, differentiable w.r.t. the online network only; metrics: detached scalars."""
+
+    loss: Tensor
+    metrics: dict[str, Tensor]
 
 
 @runtime_checkable
@@ -76,56 +93,121 @@ class TrainingObjective(Protocol):
     ) -> ObjectiveOutput: ...
 
 
-# --------------------------------------------------------------------------- checks and labels
+# --------------------------------------------------------------------------- the batch
 
 
-def require_transport(transport: Transport, allowed: tuple[str, ...], system: str) -> None:
-    if transport.name not in allowed:
+class RandomStateReplay:
+    """The CPU RNG state (and the CUDA one of `device`, if it is a CUDA device) at capture time.
+
+    Captured just before the online forward pass; `replayed()` sets the captured state for the
+    duration of the block and then puts back the state that was current before it, so every extra
+    forward pass draws the online pass's dropout masks and replays do not move the global RNG."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = torch.device(device)
+        self.cpu_state, self.cuda_state = self._current()
+
+    def _current(self) -> tuple[Tensor, Tensor | None]:
+        cuda_state = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return torch.get_rng_state(), cuda_state
+
+    def _restore(self, cpu_state: Tensor, cuda_state: Tensor | None) -> None:
+        torch.set_rng_state(cpu_state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state, self.device)
+
+    @contextlib.contextmanager
+    def replayed(self) -> Iterator[None]:
+        saved = self._current()
+        self._restore(self.cpu_state, self.cuda_state)
+        try:
+            yield
+        finally:
+            self._restore(*saved)
+
+
+def replaying(random_state: RandomStateReplay | None) -> contextlib.AbstractContextManager[None]:
+    """`random_state.replayed()`, or a block that changes nothing when there is no state to replay."""
+    return random_state.replayed() if random_state is not None else contextlib.nullcontext()
+
+
+def drop_labels(
+    labels: Tensor, probability: float, null_label: int, *, eligible_rows: int | None = None
+) -> tuple[Tensor, int]:
+    """A copy of `labels` whose last round(probability * n) rows are `null_label`, and that number;
+    n = eligible_rows (the last rows of the batch; all of them by default). Python's round, as the
+    reference code; zero rows are dropped when it rounds to 0 (the reference's `c[-0:]` drops all)."""
+    eligible = labels.shape[0] if eligible_rows is None else eligible_rows
+    number_dropped = round(probability * eligible)
+    dropped = labels.clone()
+    if number_dropped > 0:
+        dropped[labels.shape[0] - number_dropped :] = null_label
+    return dropped, number_dropped
+
+
+def time_dtype(x: Tensor) -> torch.dtype:
+    """The dtype times are drawn in: float64 for float64 data, float32 otherwise."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def draw_time(distribution: TimeDistribution, x: Tensor, generator: torch.Generator, minimum: float = 0.0) -> Tensor:
+    """t ~ distribution, shape (B,), from `generator` on x's device in time_dtype(x); t <- max(t, minimum)
+    when minimum > 0."""
+    time = distribution.sample(x.shape[0], generator=generator, device=x.device, dtype=time_dtype(x))
+    return time.clamp(min=minimum) if minimum > 0.0 else time
+
+
+@dataclass(frozen=True)
+class NoisedBatch:
+    """One training batch on the path. data x, noise z, time t (B,), x_time = alpha(t) z + gamma(t) x;
+    labels with their last `number_dropped` rows set to `null_label`."""
+
+    data: Tensor
+    noise: Tensor
+    time: Tensor
+    x_time: Tensor
+    labels: Tensor
+    null_label: int
+    number_dropped: int
+
+
+def noised_batch(
+    transport: Transport,
+    x: Tensor,
+    labels: Tensor,
+    time: Tensor,
+    *,
+    generator: torch.Generator,
+    null_label: int,
+    label_dropout: float,
+    eligible_rows: int | None = None,
+) -> NoisedBatch:
+    """The batch at the times `time` the caller has just drawn from `generator`: z ~ N(0, I) shaped
+    like x from the same generator, x_t = alpha(t) z + gamma(t) x, and `drop_labels` with
+    `label_dropout` over the last `eligible_rows` rows (all by default). The caller's tensors are
+    not modified."""
+    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    dropped, number_dropped = drop_labels(labels, label_dropout, null_label, eligible_rows=eligible_rows)
+    x_time = transport.interpolate(x, noise, time)
+    return NoisedBatch(x, noise, time, x_time, dropped, null_label, number_dropped)
+
+
+def require_target_network(target_network: Network | None, needed: bool, why: str) -> None:
+    """The objective was called without the target network theta- its settings need."""
+    if needed and target_network is None:
         raise ValueError(
-            f"{system} is defined for the transport(s) {allowed}, got {transport.name!r}; "
-            f"set transport: {allowed[0]} in the job"
+            f"target_network is None but {why}; pass target.module(model) with "
+            "target = objective.create_target_network(model)"
         )
 
 
-def check_fraction(obj: object, name: str, fix: str, *, closed_top: bool = True) -> None:
-    value = getattr(obj, name)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}; {fix}")
-    if value < 0.0 or value > 1.0 or (not closed_top and value == 1.0):
-        interval = "[0, 1]" if closed_top else "[0, 1)"
-        raise ValueError(f"{name} must be in {interval}, got {value}; {fix}")
-
-
-def check_nonnegative_int(obj: object, name: str, fix: str, *, minimum: int = 0) -> None:
-    value = getattr(obj, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}; {fix}")
-
-
-def check_positive(obj: object, name: str, fix: str) -> None:
-    value = getattr(obj, name)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}; {fix}")
-
-
-def check_kind(obj: object, expected: str) -> None:
-    if getattr(obj, "kind") != expected:
-        raise ValueError(f"kind must be {expected!r} for {type(obj).__name__}, got {obj.kind!r}; leave kind at its default")
-
-
-def check_choice(obj: object, name: str, allowed: tuple[str, ...]) -> None:
-    if getattr(obj, name) not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {getattr(obj, name)!r}")
-
-
-def check_teacher(mode: str, teacher: Network | None, system: str) -> None:
-    if mode == "distillation" and teacher is None:
-        raise ValueError(
-            f"{system} with mode 'distillation' needs a teacher network: build_objective(settings, transport, "
-            "teacher=load_model_file(path).model); or set mode: training"
-        )
-    if mode == "training" and teacher is not None:
-        raise ValueError(f"{system} got a teacher but mode is 'training'; set mode: distillation or drop the teacher")
+def live_or_target(network: Network, target_network: Network | None, policy: str) -> Network:
+    """theta- under a `target_network` policy: the online network itself for "live" (the caller
+    evaluates it under no_grad), else the target network, which must then be given."""
+    if policy == "live":
+        return network
+    require_target_network(target_network, True, f"target_network is {policy!r}")
+    return target_network
 
 
 def row_mask(mask: Tensor, like: Tensor) -> Tensor:
@@ -195,10 +277,11 @@ def forward_derivative(
 ) -> tuple[Tensor, Tensor]:
     """(f(x, t), d/ds f(x + s v, t + s w) at s = 0) by torch.func.jvp: the total derivative of
     f along the direction (v, w). Dropout replays `random_state` so it draws the online masks."""
-    if random_state is None:
+    with replaying(random_state):
         return torch.func.jvp(function, point, direction)
-    with random_state.replayed():
-        return torch.func.jvp(function, point, direction)
+
+
+# --------------------------------------------------------------------------- per-sample losses
 
 
 def per_sample_mean_square(difference: Tensor) -> Tensor:
@@ -210,6 +293,14 @@ def per_sample_mean_square(difference: Tensor) -> Tensor:
 def per_sample_rms(value: Tensor) -> Tensor:
     """sqrt(mean over all but the batch axis of value^2), shaped to broadcast against value."""
     return per_sample_mean_square(value).sqrt().to(value.dtype).reshape(-1, *([1] * (value.ndim - 1)))
+
+
+def pseudo_huber(output: Tensor, target: Tensor, constant: float = 0.0) -> Tensor:
+    """sqrt(mean((F - target)^2) + c^2) - c per sample, shape (B,), computed in at least float32
+    (both cast before the difference). With c = 0 a per-sample RMSE; large c tends to MSE / (2c)."""
+    compute_dtype = torch.promote_types(output.dtype, torch.float32)
+    squared = per_sample_mean_square(output.to(compute_dtype) - target.to(compute_dtype))
+    return torch.sqrt(squared + constant**2) - constant
 
 
 # --------------------------------------------------------------------------- learned weighting

@@ -40,27 +40,36 @@ import torch
 from torch import nn
 
 from ucgm_core.ema import TargetNetwork
-from ucgm_core.objective import ObjectiveOutput, RandomStateReplay, drop_labels
+from ucgm_core.labels import null_label_of
 from ucgm_core.sampler import SamplerSettings
 from ucgm_core.time_distributions import LogitNormalTime, TimeDistribution
 from ucgm_core.transports import Transport, broadcast_time
 
-from ucgm_core.labels import null_label_of
-from ucgm_core.systems.common import (
-    AdaptiveWeight,
-    Network,
-    adaptively_weighted,
-    call_two_time,
+from ucgm_core.systems.checks import (
+    check_bool,
     check_fraction,
     check_kind,
     check_nonnegative_int,
     check_positive,
-    forward_derivative,
-    per_sample_mean_square,
+    check_time_distribution,
+    refuse_teacher,
     require_transport,
+)
+from ucgm_core.systems.common import (
+    AdaptiveWeight,
+    Network,
+    ObjectiveOutput,
+    RandomStateReplay,
+    adaptively_weighted,
+    call_two_time,
+    forward_derivative,
+    noised_batch,
+    per_sample_mean_square,
     row_mask,
+    time_dtype,
     warmup_ratio,
 )
+from ucgm_core.systems.registry import SystemRecord, SystemSettings, always
 
 Tensor = torch.Tensor
 
@@ -68,7 +77,7 @@ TRANSPORTS = ("linear", "relinear")
 
 
 @dataclass(frozen=True)
-class ExplicitShortcutSettings:
+class ExplicitShortcutSettings(SystemSettings):
     """ESC settings; defaults are the ESC reference's ImageNet run (exp/esc-b2-cc).
 
     guidance_scale (omega) and guidance_mixing (kappa) define the training-time guidance; omega = 1,
@@ -92,8 +101,7 @@ class ExplicitShortcutSettings:
 
     def __post_init__(self) -> None:
         check_kind(self, "esc")
-        if not hasattr(self.time_distribution, "sample"):
-            raise ValueError(f"time_distribution must be a time distribution, got {self.time_distribution!r}")
+        check_time_distribution(self)
         check_fraction(self, "instantaneous_fraction", "MeanFlow and ESC use 0.75 (rows with r = t)")
         check_fraction(self, "plug_in_probability", "ESC uses 0.5 (0 disables the plug-in velocity)")
         check_nonnegative_int(self, "endpoint_zero_steps", "ESC uses 20000 (0 disables the progressive sampler)")
@@ -101,8 +109,7 @@ class ExplicitShortcutSettings:
         if not (isinstance(self.adaptive_loss_power, (int, float)) and self.adaptive_loss_power >= 0):
             raise ValueError(f"adaptive_loss_power must be >= 0, got {self.adaptive_loss_power!r}; MeanFlow uses 1 (0: plain MSE)")
         check_positive(self, "adaptive_loss_constant", "MeanFlow uses 1e-3")
-        if not isinstance(self.adaptive_weighting, bool):
-            raise ValueError(f"adaptive_weighting must be true or false, got {self.adaptive_weighting!r}")
+        check_bool(self, "adaptive_weighting")
         check_nonnegative_int(self, "adaptive_weight_frequencies", "use 16", minimum=1)
         for name in ("guidance_scale", "guidance_mixing"):
             value = getattr(self, name)
@@ -113,10 +120,6 @@ class ExplicitShortcutSettings:
         if len(interval) != 2 or not 0.0 <= interval[0] <= interval[1] <= 1.0:
             raise ValueError(f"guidance_interval must be (low, high) with 0 <= low <= high <= 1, got {self.guidance_interval}")
         check_fraction(self, "label_dropout", "use 0.1 for classifier-free guidance", closed_top=False)
-
-    needs_two_time_network = True
-    needs_forward_mode_autodiff = True
-    default_transport = "linear"
 
     @property
     def guided(self) -> bool:
@@ -152,7 +155,7 @@ def plug_in_velocity(
     wide_time = time.to(torch.float64)
     coefficients = transport.coefficients(broadcast_time(wide_time, mean_data))
     mean_noise = (x_time.to(torch.float64) - coefficients.gamma * mean_data) / coefficients.alpha
-    return transport.target(mean_data, mean_noise, wide_time).to(x_time.dtype)
+    return transport.ideal_output(mean_data, mean_noise, wide_time).to(x_time.dtype)
 
 
 def mean_flow_target(
@@ -184,8 +187,7 @@ class ExplicitShortcutObjective:
     def __init__(
         self, transport: Transport, settings: ExplicitShortcutSettings | None = None, *, teacher: Network | None = None
     ) -> None:
-        if teacher is not None:
-            raise ValueError("ESC trains from data alone; drop the teacher")
+        refuse_teacher(teacher, "ESC")
         self.settings = settings if settings is not None else ExplicitShortcutSettings()
         require_transport(transport, TRANSPORTS, "ESC")
         self.transport = transport
@@ -230,19 +232,20 @@ class ExplicitShortcutObjective:
         step: int | None = None,
     ) -> ObjectiveOutput:
         settings, transport = self.settings, self.transport
-        null_label = null_label_of(network, num_classes)
-        dropped, _ = drop_labels(labels, settings.label_dropout, null_label)
-        time_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        time, end_time = self.draw_times(x.shape[0], generator, x.device, time_dtype, step)
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        time, end_time = self.draw_times(x.shape[0], generator, x.device, time_dtype(x), step)
+        batch = noised_batch(
+            transport, x, labels, time,
+            generator=generator, null_label=null_label_of(network, num_classes), label_dropout=settings.label_dropout,
+        )
+        x_time, dropped, null_label = batch.x_time, batch.labels, batch.null_label
+        # drawn after the noise: the generator's order is times, noise, plug-in rows
         plug_in_rows = torch.rand(x.shape[0], generator=generator, device=x.device) < settings.plug_in_probability
-        x_time = transport.interpolate(x, noise, time)
 
         random_state = RandomStateReplay(x.device)
         output = call_two_time(network, transport, x_time, time, dropped, end_time)
         ratio = warmup_ratio(step, settings.tangent_warmup_steps)
         with torch.no_grad():
-            velocity = transport.target(x, noise, time)
+            velocity = transport.ideal_output(x, batch.noise, time)
             if settings.plug_in_probability > 0:
                 plugged = plug_in_velocity(transport, x, x_time, time, dropped, null_label)
                 velocity = torch.where(row_mask(plug_in_rows, x_time), plugged, velocity)
@@ -296,3 +299,14 @@ class ExplicitShortcutObjective:
 def sampler_settings(steps: int = 1) -> SamplerSettings:
     """One jump from t = 1 to 0 (1 NFE), or `steps` equal jumps, each told its end time."""
     return SamplerSettings(steps=steps, boundary_gaps=(0.0, 0.0), stochasticity=0.0, condition_on_end_time=True)
+
+
+SYSTEM = SystemRecord(
+    kind="esc",
+    settings=ExplicitShortcutSettings,
+    objective=ExplicitShortcutObjective,
+    default_transport="linear",
+    transports=TRANSPORTS,
+    two_time_network=True,
+    forward_mode_autodiff=always,
+)

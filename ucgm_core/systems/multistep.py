@@ -6,16 +6,17 @@ the segment start t_step. With N teacher steps in all (annealed from 64 to 1280)
 n = round(N / T) of them per segment:
 
     step ~ U{0..T-1}, t_step = step / T, j ~ U{1..n},  t = t_step + j / (T n),  s = t - 1 / (T n)
-    z_t   = alpha(t) z + gamma(t) x
-    x_tea = x (training) or the teacher's data prediction at (z_t, t) (distillation)
-    z_s   = aDDIM_{t->s}(x_tea, z_t)                         one teacher step
-    x_ref = stopgrad f(z_s, s)                               the model's own data prediction
-    z_ref = DDIM_{s->t_step}(x_ref, z_s)                     (= z_s when s = t_step)
-    x_tgt = invDDIM_{t->t_step}(z_ref, z_t)                  the x whose DDIM step from t lands on z_ref
-    loss  = w(t) * pseudo_huber(f(z_t, t) - x_tgt)
+    z_t    = alpha(t) z + gamma(t) x
+    x_tea  = x (training) or the teacher's data prediction at (z_t, t) (distillation: true)
+    z_s    = aDDIM_{t->s}(x_tea, z_t)                        one teacher step
+    x_self = stopgrad f(z_s, s)                              the model's own data prediction
+    z_self = DDIM_{s->t_step}(x_self, z_s)                   (= z_s when s = t_step)
+    x_tgt  = invDDIM_{t->t_step}(z_self, z_t)                the x whose DDIM step from t lands on z_self
+    loss   = w(t) * pseudo_huber(f(z_t, t) - x_tgt)
 
 in our coefficients (alpha the noise coefficient, gamma the data one; the paper's alpha_t, sigma_t are
-our gamma, alpha). Everything is written against the transport, so any transport works; the paper's
+our gamma, alpha). f is evaluated with theta-, the live weights under stop-gradient by default
+(`target_network`). Everything is written against the transport, so any transport works; the paper's
 is vp_cosine (x-prediction), the default.
 
 aDDIM (sec. 3.2): eps_hat = (z_t - gamma(t) x_tea) / alpha(t),
@@ -41,46 +42,58 @@ returning the last data prediction: UCGM-S with stochasticity 0 and boundary_gap
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Literal
 
 import torch
 from torch import nn
 
 from ucgm_core.ema import TargetNetwork
-from ucgm_core.objective import ObjectiveOutput, RandomStateReplay, drop_labels, per_sample_loss
+from ucgm_core.labels import null_label_of
 from ucgm_core.sampler import SamplerSettings
 from ucgm_core.transports import Transport, broadcast_time
 
-from ucgm_core.labels import null_label_of
-from ucgm_core.systems.common import (
-    Network,
+from ucgm_core.systems.checks import (
+    check_bool,
     check_choice,
     check_fraction,
     check_kind,
     check_nonnegative_int,
     check_teacher,
+)
+from ucgm_core.systems.common import (
+    Network,
+    ObjectiveOutput,
+    RandomStateReplay,
     ddim_step,
     inverse_ddim,
+    noised_batch,
+    pseudo_huber,
+    live_or_target,
+    replaying,
     row_mask,
+    time_dtype,
 )
+from ucgm_core.systems.registry import SystemRecord, SystemSettings
 
 Tensor = torch.Tensor
 
 
 @dataclass(frozen=True)
-class MultistepConsistencySettings:
-    """Multistep CM settings; defaults are the paper's ImageNet ones (8 student steps).
+class MultistepConsistencySettings(SystemSettings):
+    """Multistep CM settings, consistency training or (distillation: true) distillation from a
+    teacher; defaults are the paper's ImageNet ones (8 student steps).
 
     student_steps: T, the number of segments and of sampling steps.
     teacher_steps_start/end, teacher_anneal_steps: N annealed exponentially from start to end
         over that many training steps (0: always the end value).
     addim_eta: eta of the aDDIM teacher step (0: DDIM).
     loss_constant: c of the pseudo-Huber distance (per-dimension units; iCT's 0.00054 sqrt(D) / sqrt(D)).
-    target_network: theta- for x_ref; "live" (stop-gradient of the online weights) as in the paper.
+    target_network: theta- for x_self; "live" (stop-gradient of the online weights) as in the paper.
     """
 
     kind: Literal["multistep_cm"] = "multistep_cm"
-    mode: Literal["training", "distillation"] = "training"
+    distillation: bool = False
     student_steps: int = 8
     teacher_steps_start: int = 64
     teacher_steps_end: int = 1280
@@ -94,7 +107,7 @@ class MultistepConsistencySettings:
 
     def __post_init__(self) -> None:
         check_kind(self, "multistep_cm")
-        check_choice(self, "mode", ("training", "distillation"))
+        check_bool(self, "distillation")
         check_choice(self, "loss_weighting", ("v_loss", "snr_plus_one", "none"))
         check_choice(self, "target_network", ("live", "ema", "frozen"))
         check_nonnegative_int(self, "student_steps", "the paper uses 2-16 (1 is a consistency model)", minimum=1)
@@ -112,10 +125,6 @@ class MultistepConsistencySettings:
             raise ValueError(f"loss_constant must be >= 0, got {self.loss_constant!r}; use 0.00054 (iCT) or 0")
         check_fraction(self, "target_ema_decay", "use 0.999")
         check_fraction(self, "label_dropout", "use 0, or 0.1 for classifier-free guidance", closed_top=False)
-
-    needs_two_time_network = False
-    needs_forward_mode_autodiff = False
-    default_transport = "vp_cosine"
 
     def teacher_steps(self, step: int | None) -> int:
         """N at training step `step` (None: the end value)."""
@@ -159,23 +168,20 @@ def multistep_target(
     data_variance: Tensor | None = None,
     random_state: RandomStateReplay | None = None,
 ) -> Tensor:
-    """x_tgt = invDDIM_{t->t_step}(DDIM_{s->t_step}(x_ref, z_s), z_t) with z_s = aDDIM_{t->s}(x_tea, z_t),
-    x_ref = data prediction of target_network at (z_s, s); rows with s = t_step use z_ref = z_s.
-    Call under torch.no_grad."""
+    """x_tgt = invDDIM_{t->t_step}(DDIM_{s->t_step}(x_self, z_s), z_t) with z_s = aDDIM_{t->s}(x_tea, z_t),
+    x_self = data prediction of target_network (theta-) at (z_s, s); rows with s = t_step use
+    z_self = z_s. Call under torch.no_grad."""
     variance = torch.zeros_like(time) if data_variance is None else data_variance
     z_teacher = adjusted_ddim_step(transport, teacher_data, x_time, time, teacher_time, variance)
     at_start = teacher_time <= segment_start
-    # x_ref is not needed (and den may vanish) where s = t_step; evaluate there at t rather than s
+    # x_self is not needed (and den may vanish) where s = t_step; evaluate there at t rather than s
     evaluation_time = torch.where(at_start, time, teacher_time)
-    if random_state is not None:
-        with random_state.replayed():
-            reference_output = target_network(z_teacher, transport.network_time(evaluation_time), labels)
-    else:
-        reference_output = target_network(z_teacher, transport.network_time(evaluation_time), labels)
-    reference_data = transport.predictions(reference_output.to(z_teacher.dtype), z_teacher, evaluation_time)[0]
-    z_reference = ddim_step(transport, reference_data, z_teacher, evaluation_time, segment_start)
-    z_reference = torch.where(row_mask(at_start, x_time), z_teacher, z_reference)
-    return inverse_ddim(transport, z_reference, x_time, time, segment_start)
+    with replaying(random_state):
+        self_output = target_network(z_teacher, transport.network_time(evaluation_time), labels)
+    self_data = transport.predictions(self_output.to(z_teacher.dtype), z_teacher, evaluation_time)[0]
+    z_self = ddim_step(transport, self_data, z_teacher, evaluation_time, segment_start)
+    z_self = torch.where(row_mask(at_start, x_time), z_teacher, z_self)
+    return inverse_ddim(transport, z_self, x_time, time, segment_start)
 
 
 class MultistepConsistencyObjective:
@@ -185,7 +191,7 @@ class MultistepConsistencyObjective:
         self, transport: Transport, settings: MultistepConsistencySettings | None = None, *, teacher: Network | None = None
     ) -> None:
         self.settings = settings if settings is not None else MultistepConsistencySettings()
-        check_teacher(self.settings.mode, teacher, "Multistep CM")
+        check_teacher(self.settings.distillation, teacher, "Multistep CM")
         self.transport = transport
         self.teacher = teacher
 
@@ -234,32 +240,30 @@ class MultistepConsistencyObjective:
         step: int | None = None,
     ) -> ObjectiveOutput:
         settings, transport = self.settings, self.transport
-        if self.needs_target_network and target_network is None:
-            raise ValueError("target_network is None but target_network is 'ema' or 'frozen'; pass target.module(model)")
-        reference_network = network if settings.target_network == "live" else target_network
-        null_label = null_label_of(network, num_classes)
-        dropped, _ = drop_labels(labels, settings.label_dropout, null_label)
-        time_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        time, teacher_time, segment_start = self.draw_times(x.shape[0], generator, x.device, time_dtype, step)
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        x_time = transport.interpolate(x, noise, time)
+        self_target_network = live_or_target(network, target_network, settings.target_network)
+        time, teacher_time, segment_start = self.draw_times(x.shape[0], generator, x.device, time_dtype(x), step)
+        batch = noised_batch(
+            transport, x, labels, time,
+            generator=generator, null_label=null_label_of(network, num_classes), label_dropout=settings.label_dropout,
+        )
+        x_time, dropped = batch.x_time, batch.labels
 
         random_state = RandomStateReplay(x.device)
         output = network(x_time, transport.network_time(time), dropped)
         data_prediction = transport.predictions(output, x_time, time)[0]
         with torch.no_grad():
-            if settings.mode == "distillation":
+            if settings.distillation:
                 teacher_output = self.teacher(x_time, transport.network_time(time), dropped)
                 teacher_data = transport.predictions(teacher_output.to(x_time.dtype), x_time, time)[0]
                 variance = settings.addim_eta * (teacher_data - x).pow(2).flatten(1).mean(dim=1)
             else:
                 teacher_data, variance = x, torch.zeros_like(time)
             target = multistep_target(
-                transport, reference_network, x_time, time, teacher_time, segment_start, teacher_data, dropped,
+                transport, self_target_network, x_time, time, teacher_time, segment_start, teacher_data, dropped,
                 data_variance=variance, random_state=random_state,
             )
 
-        distance = per_sample_loss(data_prediction, target, time, constant=settings.loss_constant)
+        distance = pseudo_huber(data_prediction, target, settings.loss_constant)
         loss = (self.loss_weight(time).to(distance.dtype) * distance).mean()
         metrics = {
             "loss": loss.detach(),
@@ -273,3 +277,12 @@ class MultistepConsistencyObjective:
 def sampler_settings(student_steps: int = 8) -> SamplerSettings:
     """Algorithm 2 as UCGM-S: `student_steps` deterministic DDIM steps on t = 1, (T-1)/T, ..., 1/T."""
     return SamplerSettings(steps=student_steps, boundary_gaps=(0.0, 0.0), stochasticity=0.0)
+
+
+SYSTEM = SystemRecord(
+    kind="multistep_cm",
+    settings=MultistepConsistencySettings,
+    objective=MultistepConsistencyObjective,
+    default_transport="vp_cosine",
+    needs_teacher=attrgetter("distillation"),
+)

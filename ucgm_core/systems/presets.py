@@ -1,6 +1,7 @@
-"""Named presets of the seed systems: transport, objective settings, sampler settings and what the
-network and the loop must provide. The objective settings are either UCGM-T `ObjectiveSettings`
-(UCGM's own recipes) or one of the system settings classes; `build_objective` takes both.
+"""Named presets of the systems: transport, objective settings, sampler settings and what the
+network and the loop must provide (read from the system's registry record). The objective settings
+are UCGM-T `ObjectiveSettings` (UCGM's own recipes) or one of the seed systems' settings classes;
+`build_objective` takes any of them.
 
 | name                  | transport | objective                        | sampler (NFE)               | needs                       |
 |-----------------------|-----------|----------------------------------|-----------------------------|-----------------------------|
@@ -23,21 +24,14 @@ horizons) are meant to be scaled down for small benchmarks by `dataclasses.repla
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal
 
-from ucgm_core.objective import ObjectiveSettings
 from ucgm_core.sampler import SamplerSettings
 from ucgm_core.time_distributions import BetaTime
 
-from ucgm_core.systems import esc, multistep, scm, shortcut
-
-SystemSettingsLike = Union[
-    ObjectiveSettings,
-    scm.ContinuousConsistencySettings,
-    multistep.MultistepConsistencySettings,
-    shortcut.ShortcutSettings,
-    esc.ExplicitShortcutSettings,
-]
+from ucgm_core.systems import esc, multistep, scm, shortcut, ucgm
+from ucgm_core.systems.registry import SystemRecord, SystemSettings
+from ucgm_core.systems.ucgm import ObjectiveSettings
 
 # UCGM-T reference multi-step recipe (ALGORITHMS.md sec. 3; UCGM configs/training_multi_steps).
 UCGM_MULTI_STEP = ObjectiveSettings(
@@ -93,7 +87,7 @@ class SystemPreset:
 
     name: str
     transport: str
-    objective: SystemSettingsLike
+    objective: SystemSettings
     sampler: SamplerSettings
     initialization: Literal["scratch", "multi_step_checkpoint", "pretrained"] = "scratch"
     teacher: bool = False
@@ -101,42 +95,51 @@ class SystemPreset:
     forward_mode_autodiff: bool = False
 
 
-def _system(name: str, objective, sampler: SamplerSettings, **flags) -> SystemPreset:
+def _preset(
+    name: str,
+    record: SystemRecord,
+    objective: SystemSettings,
+    sampler: SamplerSettings,
+    initialization: Literal["scratch", "multi_step_checkpoint", "pretrained"] = "scratch",
+) -> SystemPreset:
+    """The preset of `objective` on its system's default transport, with the record's needs (the
+    record itself, not the registry: presets are built while the package registers its systems)."""
     return SystemPreset(
         name=name,
-        transport=objective.default_transport,
+        transport=record.default_transport,
         objective=objective,
         sampler=sampler,
-        two_time_network=objective.needs_two_time_network,
-        forward_mode_autodiff=objective.needs_forward_mode_autodiff,
-        **flags,
+        teacher=record.needs_teacher(objective),
+        two_time_network=record.two_time_network,
+        forward_mode_autodiff=record.forward_mode_autodiff(objective),
+        initialization=initialization,
     )
 
 
 def _presets() -> dict[str, SystemPreset]:
-    multistep_ct = multistep.MultistepConsistencySettings(mode="training")
-    return {
-        "ucgm_multi_step": SystemPreset("ucgm_multi_step", "linear", UCGM_MULTI_STEP, UCGM_MULTI_STEP_SAMPLER),
-        "ucgm_few_step": SystemPreset(
-            "ucgm_few_step", "linear", UCGM_FEW_STEP, UCGM_FEW_STEP_SAMPLER, initialization="multi_step_checkpoint"
+    multistep_ct = multistep.MultistepConsistencySettings()
+    multistep_sampler = multistep.sampler_settings(multistep_ct.student_steps)
+    presets = [
+        _preset("ucgm_multi_step", ucgm.SYSTEM, UCGM_MULTI_STEP, UCGM_MULTI_STEP_SAMPLER),
+        _preset(
+            "ucgm_few_step", ucgm.SYSTEM, UCGM_FEW_STEP, UCGM_FEW_STEP_SAMPLER, initialization="multi_step_checkpoint"
         ),
-        "ucgm_accelerated": SystemPreset(
-            "ucgm_accelerated", "linear", UCGM_MULTI_STEP, UCGM_ACCELERATED_SAMPLER, initialization="pretrained"
+        _preset(
+            "ucgm_accelerated", ucgm.SYSTEM, UCGM_MULTI_STEP, UCGM_ACCELERATED_SAMPLER, initialization="pretrained"
         ),
-        "sct": _system("sct", scm.ContinuousConsistencySettings(mode="training"), scm.sampler_settings(2)),
-        "scd": _system(
-            "scd", scm.ContinuousConsistencySettings(mode="distillation"), scm.sampler_settings(2), teacher=True
-        ),
-        "multistep_ct": _system("multistep_ct", multistep_ct, multistep.sampler_settings(multistep_ct.student_steps)),
-        "multistep_cd": _system(
+        _preset("sct", scm.SYSTEM, scm.ContinuousConsistencySettings(), scm.sampler_settings(2)),
+        _preset("scd", scm.SYSTEM, scm.ContinuousConsistencySettings(distillation=True), scm.sampler_settings(2)),
+        _preset("multistep_ct", multistep.SYSTEM, multistep_ct, multistep_sampler),
+        _preset(
             "multistep_cd",
-            multistep.MultistepConsistencySettings(mode="distillation"),
-            multistep.sampler_settings(multistep_ct.student_steps),
-            teacher=True,
+            multistep.SYSTEM,
+            multistep.MultistepConsistencySettings(distillation=True),
+            multistep_sampler,
         ),
-        "shortcut": _system("shortcut", shortcut.ShortcutSettings(), shortcut.sampler_settings(1)),
-        "esc": _system("esc", esc.ExplicitShortcutSettings(), esc.sampler_settings(1)),
-    }
+        _preset("shortcut", shortcut.SYSTEM, shortcut.ShortcutSettings(), shortcut.sampler_settings(1)),
+        _preset("esc", esc.SYSTEM, esc.ExplicitShortcutSettings(), esc.sampler_settings(1)),
+    ]
+    return {p.name: p for p in presets}
 
 
 PRESETS: dict[str, SystemPreset] = _presets()

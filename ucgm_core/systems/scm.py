@@ -34,34 +34,42 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Literal
 
 import torch
 from torch import nn
 
 from ucgm_core.ema import TargetNetwork
-from ucgm_core.objective import ObjectiveOutput, RandomStateReplay, draw_time_and_noise, drop_labels
+from ucgm_core.labels import null_label_of
 from ucgm_core.sampler import SamplerSettings
 from ucgm_core.time_distributions import ArctanLogNormalTime, TimeDistribution
 from ucgm_core.transports import Transport, broadcast_time
 
-from ucgm_core.labels import null_label_of
-from ucgm_core.systems.common import (
-    AdaptiveWeight,
-    Network,
-    adaptively_weighted,
-    check_choice,
+from ucgm_core.systems.checks import (
+    check_bool,
     check_fraction,
     check_kind,
     check_nonnegative_int,
     check_positive,
     check_teacher,
+    check_time_distribution,
+    require_transport,
+)
+from ucgm_core.systems.common import (
+    AdaptiveWeight,
+    Network,
+    ObjectiveOutput,
+    RandomStateReplay,
+    adaptively_weighted,
+    draw_time,
     forward_derivative,
+    noised_batch,
     per_sample_mean_square,
     per_sample_rms,
-    require_transport,
     warmup_ratio,
 )
+from ucgm_core.systems.registry import SystemRecord, SystemSettings, always
 
 Tensor = torch.Tensor
 
@@ -72,8 +80,8 @@ TRANSPORTS = ("trigflow",)
 
 
 @dataclass(frozen=True)
-class ContinuousConsistencySettings:
-    """sCM settings (sCT for mode "training", sCD for "distillation"); defaults are the paper's ImageNet ones.
+class ContinuousConsistencySettings(SystemSettings):
+    """sCM settings, sCT or (distillation: true) sCD; defaults are the paper's ImageNet ones.
 
     time_distribution: tan(theta) sigma_d lognormal, (mean, std) = (-1.0, 1.6) ImageNet, (-1.0, 1.4) CIFAR-10.
     tangent_normalization: c in g / (||g|| + c); 0 disables the normalisation.
@@ -83,7 +91,7 @@ class ContinuousConsistencySettings:
     """
 
     kind: Literal["scm"] = "scm"
-    mode: Literal["training", "distillation"] = "training"
+    distillation: bool = False
     time_distribution: TimeDistribution = field(default_factory=lambda: ArctanLogNormalTime(mean=-1.0, std=1.6))
     tangent_normalization: float = 0.1
     tangent_warmup_steps: int = 10_000
@@ -93,20 +101,14 @@ class ContinuousConsistencySettings:
 
     def __post_init__(self) -> None:
         check_kind(self, "scm")
-        check_choice(self, "mode", ("training", "distillation"))
-        if not hasattr(self.time_distribution, "sample"):
-            raise ValueError(f"time_distribution must be a time distribution, got {self.time_distribution!r}")
+        check_bool(self, "distillation")
+        check_time_distribution(self)
         if self.tangent_normalization != 0:
             check_positive(self, "tangent_normalization", "sCM uses 0.1 (0 disables the normalisation)")
         check_nonnegative_int(self, "tangent_warmup_steps", "sCM uses 10000 (0 disables the warm-up)")
         check_nonnegative_int(self, "adaptive_weight_frequencies", "use 16", minimum=1)
-        if not isinstance(self.adaptive_weighting, bool):
-            raise ValueError(f"adaptive_weighting must be true or false, got {self.adaptive_weighting!r}")
+        check_bool(self, "adaptive_weighting")
         check_fraction(self, "label_dropout", "use 0 (sCM) or 0.1 for classifier-free guidance", closed_top=False)
-
-    needs_two_time_network = False
-    needs_forward_mode_autodiff = True
-    default_transport = "trigflow"
 
 
 def trigflow_tangent(
@@ -151,7 +153,7 @@ class ContinuousConsistencyObjective:
     ) -> None:
         self.settings = settings if settings is not None else ContinuousConsistencySettings()
         require_transport(transport, TRANSPORTS, "sCM")
-        check_teacher(self.settings.mode, teacher, "sCM")
+        check_teacher(self.settings.distillation, teacher, "sCM")
         self.transport = transport
         self.teacher = teacher
         self.weight = (
@@ -181,19 +183,21 @@ class ContinuousConsistencyObjective:
         step: int | None = None,
     ) -> ObjectiveOutput:
         settings, transport = self.settings, self.transport
-        null_label = null_label_of(network, num_classes)
-        dropped, _ = drop_labels(labels, settings.label_dropout, null_label)
-        time, noise = draw_time_and_noise(x, settings.time_distribution, generator)
-        x_time = transport.interpolate(x, noise, time)
+        time = draw_time(settings.time_distribution, x, generator)
+        batch = noised_batch(
+            transport, x, labels, time,
+            generator=generator, null_label=null_label_of(network, num_classes), label_dropout=settings.label_dropout,
+        )
+        x_time, dropped = batch.x_time, batch.labels
         random_state = RandomStateReplay(x.device)
         output = network(x_time, transport.network_time(time), dropped)
 
         ratio = warmup_ratio(step, settings.tangent_warmup_steps)
         with torch.no_grad():
-            if settings.mode == "distillation":
+            if settings.distillation:
                 velocity = self.teacher(x_time, transport.network_time(time), dropped)
             else:
-                velocity = transport.target(x, noise, time)
+                velocity = transport.ideal_output(x, batch.noise, time)
             output_minus, tangent = trigflow_tangent(
                 network, transport, x_time, time, velocity.to(x_time.dtype), dropped,
                 warmup=ratio, random_state=random_state,
@@ -221,3 +225,14 @@ def sampler_settings(steps: int = 2) -> SamplerSettings:
     middle = MIDDLE_ANGLE / _HALF_PI
     # one step never re-noises; stochasticity 0 there spares the caller a generator
     return SamplerSettings(steps=steps, boundary_gaps=(0.0, middle), stochasticity=1.0 if steps == 2 else 0.0)
+
+
+SYSTEM = SystemRecord(
+    kind="scm",
+    settings=ContinuousConsistencySettings,
+    objective=ContinuousConsistencyObjective,
+    default_transport="trigflow",
+    transports=TRANSPORTS,
+    forward_mode_autodiff=always,
+    needs_teacher=attrgetter("distillation"),
+)

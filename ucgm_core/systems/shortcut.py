@@ -5,7 +5,7 @@ the linear one, so in our time (t = 1 - tau, data at 0) it is the `relinear` tra
 reads 1 - t and predicts x - z. A step of size d from t lands at r = t - d, and the network is called
 with that end time as its second time (`call_two_time`; see ucgm_core.systems.common).
 
-With M = `finest_steps` (a power of two) the batch is split in two (the reference's
+With M = `finest_steps` (a power of two) the batch is split in two (the authors' code's
 bootstrap_every = 8 puts 1/8 of it into the second group):
 
 - flow-matching rows: t uniform on {1/M, ..., 1}, r = t - 1/M (the finest step), target the
@@ -18,13 +18,13 @@ bootstrap_every = 8 puts 1/8 of it into the second group):
       target = the F that jumps from x_t to jump(F2; x_s, s -> r) in one step,
 
   which for the linear path is the paper's (F1 + F2) / 2. Written with `jump` / `output_for_jump`, so
-  the composition rule holds on any transport. The reference clips x_s and the target to
+  the composition rule holds on any transport. The authors' code clips x_s and the target to
   [-target_clip, target_clip] (4 for images); 0 disables.
 
 Loss: mean squared error over all rows (the paper's L2). Sampling: K Euler steps of size 1/K from
 t = 1, each conditioned on its end time: UCGM-S with condition_on_end_time and boundary_gaps (0, 0).
 
-Not reproduced: the reference also applies classifier-free guidance inside some self-consistency
+Not reproduced: the authors' code also applies classifier-free guidance inside some self-consistency
 rows; here they use the row's labels.
 """
 
@@ -38,28 +38,31 @@ import torch
 from torch import nn
 
 from ucgm_core.ema import TargetNetwork
-from ucgm_core.objective import ObjectiveOutput, RandomStateReplay, drop_labels
+from ucgm_core.labels import null_label_of
 from ucgm_core.sampler import SamplerSettings
 from ucgm_core.transports import Transport
 
-from ucgm_core.labels import null_label_of
+from ucgm_core.systems.checks import check_choice, check_fraction, check_kind, check_nonnegative_int, refuse_teacher
 from ucgm_core.systems.common import (
     Network,
+    ObjectiveOutput,
+    RandomStateReplay,
     call_two_time,
-    check_choice,
-    check_fraction,
-    check_kind,
-    check_nonnegative_int,
     jump,
+    live_or_target,
+    noised_batch,
     output_for_jump,
     per_sample_mean_square,
+    replaying,
+    time_dtype,
 )
+from ucgm_core.systems.registry import SystemRecord, SystemSettings
 
 Tensor = torch.Tensor
 
 
 @dataclass(frozen=True)
-class ShortcutSettings:
+class ShortcutSettings(SystemSettings):
     """Shortcut-model settings; defaults are the paper's (128 finest steps, 1/8 self-consistency rows)."""
 
     kind: Literal["shortcut"] = "shortcut"
@@ -81,11 +84,7 @@ class ShortcutSettings:
         check_fraction(self, "target_ema_decay", "the paper uses 0.999")
         check_fraction(self, "label_dropout", "use 0.1 for classifier-free guidance", closed_top=False)
         if not (isinstance(self.target_clip, (int, float)) and self.target_clip >= 0):
-            raise ValueError(f"target_clip must be >= 0, got {self.target_clip!r}; the reference uses 4 (0 disables)")
-
-    needs_two_time_network = True
-    needs_forward_mode_autodiff = False
-    default_transport = "relinear"
+            raise ValueError(f"target_clip must be >= 0, got {self.target_clip!r}; the shortcut authors' code uses 4 (0 disables)")
 
     @property
     def levels(self) -> int:
@@ -109,9 +108,7 @@ def self_consistency_target(
     Call under torch.no_grad."""
 
     def evaluate(x: Tensor, start: Tensor, end: Tensor) -> Tensor:
-        if random_state is None:
-            return call_two_time(target_network, transport, x, start, labels, end).to(x.dtype)
-        with random_state.replayed():
+        with replaying(random_state):
             return call_two_time(target_network, transport, x, start, labels, end).to(x.dtype)
 
     first = evaluate(x_time, time, middle_time)
@@ -128,8 +125,7 @@ class ShortcutObjective:
     """Shortcut-model training (module docstring; `TrainingObjective`)."""
 
     def __init__(self, transport: Transport, settings: ShortcutSettings | None = None, *, teacher: Network | None = None) -> None:
-        if teacher is not None:
-            raise ValueError("shortcut models train from data alone; drop the teacher")
+        refuse_teacher(teacher, "shortcut models")
         self.settings = settings if settings is not None else ShortcutSettings()
         self.transport = transport
 
@@ -177,25 +173,24 @@ class ShortcutObjective:
         step: int | None = None,
     ) -> ObjectiveOutput:
         settings, transport = self.settings, self.transport
-        if self.needs_target_network and target_network is None:
-            raise ValueError("target_network is None but shortcut models need theta-; pass target.module(model)")
-        reference_network = network if settings.target_network == "live" else target_network
-        null_label = null_label_of(network, num_classes)
-        time_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        time, middle, end, rows = self.draw_times(x.shape[0], generator, x.device, time_dtype)
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        flow_labels, _ = drop_labels(labels[rows:], settings.label_dropout, null_label)
-        used_labels = torch.cat([labels[:rows], flow_labels])
-        x_time = transport.interpolate(x, noise, time)
+        jump_network = live_or_target(network, target_network, settings.target_network)
+        time, middle, end, rows = self.draw_times(x.shape[0], generator, x.device, time_dtype(x))
+        # label dropout on the flow-matching rows only (they come last)
+        batch = noised_batch(
+            transport, x, labels, time,
+            generator=generator, null_label=null_label_of(network, num_classes), label_dropout=settings.label_dropout,
+            eligible_rows=x.shape[0] - rows,
+        )
+        x_time, noise, used_labels = batch.x_time, batch.noise, batch.labels
 
         random_state = RandomStateReplay(x.device)
         output = call_two_time(network, transport, x_time, time, used_labels, end)
         with torch.no_grad():
-            flow_target = transport.target(x[rows:], noise[rows:], time[rows:])
+            flow_target = transport.ideal_output(x[rows:], noise[rows:], time[rows:])
             pieces = [flow_target]
             if rows > 0:
                 consistency_target = self_consistency_target(
-                    transport, reference_network, x_time[:rows], time[:rows], middle[:rows], end[:rows],
+                    transport, jump_network, x_time[:rows], time[:rows], middle[:rows], end[:rows],
                     used_labels[:rows], clip=settings.target_clip, random_state=random_state,
                 )
                 pieces.insert(0, consistency_target.to(flow_target.dtype))
@@ -216,3 +211,12 @@ class ShortcutObjective:
 def sampler_settings(steps: int = 1) -> SamplerSettings:
     """K Euler steps of size 1/K from t = 1, each network call told its end time."""
     return SamplerSettings(steps=steps, boundary_gaps=(0.0, 0.0), stochasticity=0.0, condition_on_end_time=True)
+
+
+SYSTEM = SystemRecord(
+    kind="shortcut",
+    settings=ShortcutSettings,
+    objective=ShortcutObjective,
+    default_transport="relinear",
+    two_time_network=True,
+)
