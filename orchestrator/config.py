@@ -290,7 +290,7 @@ def migrate_renamed_keys(raw: dict[str, Any], renamed: dict[str, str] = RENAMED_
         node[new_leaf] = node.pop(leaf)
     objective = raw.get("objective")
     if isinstance(objective, dict) and "mode" in objective:
-        if "distillation" in objective:
+        if objective.get("distillation") is not None:
             raise ConfigError(f"invalid {what}:\n  objective.mode: replaced by objective.distillation, and both are set; keep only objective.distillation")
         mode = objective.pop("mode")
         if mode not in ("training", "distillation"):

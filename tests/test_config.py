@@ -76,7 +76,7 @@ def test_cli_rejects_a_bad_config_before_any_work(tmp_path, capsys):
 
 
 def test_cli_check_prints_the_resolved_config(capsys, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # --check proves the run folder writable, creating it: not in the repository
+    monkeypatch.chdir(tmp_path)  # relative outputs resolve here, not in the repository
     assert main(["train", str(ROOT / "jobs/digits.yaml"), "--check", "train.steps=3"]) == 0
     assert "steps: 3" in capsys.readouterr().out
 
@@ -91,3 +91,38 @@ def test_unknown_key_inside_the_chosen_time_distribution_is_named():
     message = _error("objective.time_distribution={kind: beta, aa: 2}")
     assert "did you mean 'objective.time_distribution.a'" in message
     assert message.count("\n") == 1, message
+
+
+@pytest.mark.parametrize(
+    "old, new, value",
+    [
+        ("evaluation.checkpoint=/models/model.pt", "model_file", "/models/model.pt"),
+        ("evaluation.sweep=[{steps: 2}]", "sampler_grid", ({"steps": 2},)),
+        ("evaluation.reference=/stats.npz", "reference_statistics", "/stats.npz"),
+    ],
+)
+def test_a_renamed_key_still_works_for_a_release_with_a_warning_naming_the_new_one(old, new, value, caplog):
+    config = load_job(None, [old])
+    assert getattr(config.evaluation, new) == value
+    assert f"rename it to evaluation.{new}" in caplog.text
+
+
+def test_objective_mode_becomes_the_distillation_flag():
+    spec = ROOT / "jobs/systems/digits_scd.yaml"
+    assert load_job(spec, ["objective.distillation=null", "objective.mode=distillation"]).objective.distillation is True
+    with pytest.raises(ConfigError, match="objective.mode: replaced by objective.distillation, and both are set"):
+        load_job(spec, ["objective.mode=distillation"])  # the spec sets distillation: true already
+    with pytest.raises(ConfigError, match="objective.mode: 'teaching' is not training or distillation"):
+        load_job(None, ["objective.kind=scm", "transport=trigflow", "objective.mode=teaching"])
+
+
+def test_old_and_new_name_together_are_refused():
+    with pytest.raises(ConfigError, match="evaluation.sweep: renamed to evaluation.sampler_grid, and both are set"):
+        load_job(None, ["evaluation.sweep=[{steps: 2}]", "evaluation.sampler_grid=[{steps: 4}]"])
+
+
+def test_the_old_checkpoint_shortcut_still_works(caplog):
+    from orchestrator.cli import expand_shortcuts
+
+    assert expand_shortcuts("evaluate", ["checkpoint=m.pt"]) == ["evaluation.model_file=m.pt"]
+    assert "evaluate checkpoint= is deprecated" in caplog.text
