@@ -41,7 +41,7 @@ from orchestrator.image_grid import grid_png
 from orchestrator.actor_pools import actor_device, actor_resources, connect_for_pool
 from orchestrator.sample.decoder import DecoderSpec, decoder_spec
 from orchestrator.sample.extractors import ExtractorSpec, extractor_spec
-from orchestrator.sample.model_files import actor_model_file, model_file_path, read_model_file
+from orchestrator.sample.model_files import ActorModel, model_file_path, read_model_file
 from orchestrator.sample.reference import load_reference, reference_path
 from orchestrator.sample.sampler_grid import describe_settings, grid_settings
 from orchestrator.tracking import open_tracker
@@ -50,7 +50,6 @@ from ucgm_core.evaluation import StageTimer, generate
 from ucgm_core.features import is_fid_extractor, quantize_to_uint8
 from ucgm_core.fid import FeatureStatistics, frechet_distance_from_statistics
 from ucgm_core.sampler import SamplerSettings, count_network_evaluations
-from ucgm_core.transports import build_transport
 
 logger = logging.getLogger(__name__)
 
@@ -92,10 +91,8 @@ class SampleStatistics:
         decoder: DecoderSpec | None = None,
     ):
         self.device = actor_device(cpus)
-        contents = actor_model_file(model, self.device)
-        self.network = contents.model.to(self.device)
-        self.transport = build_transport(contents.transport)
-        self.image_shape = (contents.in_channels, contents.input_size, contents.input_size)
+        loaded = ActorModel(model, self.device)
+        self.network, self.transport, self.image_shape = loaded.network, loaded.transport, loaded.image_shape
         self.settings = [SamplerSettings(**s) for s in settings]
         self.extractor = extractor.build(self.device)
         self.grid_count = grid_count

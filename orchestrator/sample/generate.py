@@ -40,12 +40,11 @@ from orchestrator.errors import JobError
 from orchestrator.shard_folders import ShardActor, check_parameters, finished_shards, mark_done, shard_name, shard_span, write_parquet, write_shards
 from orchestrator.actor_pools import actor_device, actor_resources, connect_for_pool
 from orchestrator.sample.decoder import DecoderSpec, decoder_spec
-from orchestrator.sample.model_files import actor_model_file, model_file_path, read_model_file
+from orchestrator.sample.model_files import ActorModel, model_file_path, read_model_file
 from orchestrator.summary import VerbSummary
 from ucgm_core.evaluation import balanced_labels, generate
 from ucgm_core.features import quantize_to_uint8
 from ucgm_core.sampler import SamplerSettings
-from ucgm_core.transports import build_transport
 
 logger = logging.getLogger(__name__)
 
@@ -87,11 +86,9 @@ class ShardWriter(ShardActor):
         decoder: DecoderSpec | None = None,
     ):
         self.device = actor_device(cpus)
-        contents = actor_model_file(model, self.device)
-        self.network = contents.model.to(self.device)
-        self.transport = build_transport(contents.transport)
-        self.image_shape = (contents.in_channels, contents.input_size, contents.input_size)
-        self.num_classes = contents.num_classes
+        loaded = ActorModel(model, self.device)
+        self.network, self.transport, self.image_shape = loaded.network, loaded.transport, loaded.image_shape
+        self.num_classes = loaded.num_classes
         self.settings = SamplerSettings(**settings)
         self.out, self.plan, self.formats = out, plan, formats
         self.decode = decoder.build(self.device) if decoder is not None else None

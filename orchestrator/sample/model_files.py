@@ -82,3 +82,17 @@ def actor_model_file(model: list[Any], device: torch.device) -> ModelFileContent
 
     data = model[0] if isinstance(model[0], bytes) else ray.get(model[0])
     return load_model_file(io.BytesIO(data), map_location=device)
+
+
+class ActorModel:
+    """What an evaluate or generate actor samples with, from the model file it is handed: the
+    network on `device`, its transport, image shape and class count."""
+
+    def __init__(self, model: list[Any], device: torch.device):
+        from ucgm_core.transports import build_transport
+
+        contents = actor_model_file(model, device)
+        self.network = contents.model.to(device)
+        self.transport = build_transport(contents.transport)
+        self.image_shape = (contents.in_channels, contents.input_size, contents.input_size)
+        self.num_classes = contents.num_classes
