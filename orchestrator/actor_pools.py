@@ -11,11 +11,35 @@ from orchestrator import cluster
 from orchestrator.config import JobConfig
 
 
-def connect_for_pool(config: JobConfig, cpus_needed: float | None = None) -> None:
-    """Join the cluster the job names (distributed.ray_address), or start a local one with
-    `cpus_needed` CPUs (default: the evaluation actor pool's)."""
+# Resident memory of one pool actor (a Ray Data map worker): Python with torch and Ray imported
+# (~0.7 GiB), the sampled model or VAE, a feature extractor (Inception for FID), batches of
+# images. An estimate with headroom, like cluster.TRAIN_WORKER_GIB's; see cluster.check_local_capacity.
+ACTOR_GIB = 1.5
+
+# The sections whose num_actors / cpus_per_actor / gpus_per_actor size an actor pool.
+POOL_SECTIONS = ("evaluation", "encode")
+
+
+def connect_for_pool(config: JobConfig, cpus_needed: float | None = None, section: str = "evaluation") -> None:
+    """Join the cluster the job names (distributed.ray_address), or start a local one in-process
+    sized to this machine, after refusing (ResourceError, nothing started) a pool this machine
+    cannot hold when the cluster is a local one (cluster.check_local_capacity).
+
+    `section` names the config section that sizes the pool (its num_actors and cpus_per_actor):
+    `evaluation` (evaluate, generate) or `encode`."""
+    if section not in POOL_SECTIONS:
+        raise ValueError(f"section {section!r} sizes no actor pool; one of {', '.join(POOL_SECTIONS)}")
+    pool = getattr(config, section)
     if cpus_needed is None:
-        cpus_needed = config.evaluation.num_actors * config.evaluation.cpus_per_actor
+        cpus_needed = pool.num_actors * pool.cpus_per_actor
+    cluster.check_local_capacity(
+        config.distributed.ray_address,
+        pool.num_actors,
+        pool.cpus_per_actor,
+        ACTOR_GIB,
+        f"{pool.num_actors} actors ({section}.num_actors)",
+        f"lower {section}.num_actors or {section}.cpus_per_actor",
+    )
     cluster.connect(config.distributed.ray_address, cpus_needed)
 
 

@@ -76,6 +76,34 @@ def list_names(path: str) -> list[str]:
     return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(local, detail=False))
 
 
+def file_sizes(folder: str) -> dict[str, int]:
+    """Size in bytes of every file under a folder, by its path relative to the folder ('/'-separated)."""
+    fs, local = _fresh(folder)
+    if not fs.exists(local):
+        return {}
+    root = local.rstrip("/") + "/"
+    return {
+        name[len(root):] if name.startswith(root) else name.rsplit("/", 1)[-1]: int(info["size"])
+        for name, info in fs.find(local, detail=True).items()
+        if info.get("type") != "directory"
+    }
+
+
+@contextmanager
+def downloaded_folder(path: str) -> Iterator[str]:
+    """A local folder holding what `path` holds, for the duration of the block: `path` itself when
+    local, else a temporary copy of the object-store folder (removed afterwards)."""
+    import tempfile
+
+    fs, remote = _fresh(path)
+    if isinstance(fs, LocalFileSystem):
+        yield remote
+        return
+    with tempfile.TemporaryDirectory(prefix="ucgm-download-") as target:
+        fs.get(remote.rstrip("/") + "/", target + "/", recursive=True)
+        yield target
+
+
 def remove(path: str) -> None:
     fs, local = url_to_fs(path)
     if fs.exists(local):

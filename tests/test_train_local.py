@@ -119,3 +119,48 @@ def test_corrupt_checkpoint_gives_a_clear_error(tmp_path):
     with pytest.raises(checkpoints.CheckpointError, match="cannot be read"):
         run_train(_job(tmp_path, "train.steps=10", "tracking.enabled=false"))
     assert state_file.read_bytes() == b"not a checkpoint"
+
+
+def _model_at(run_dir: str, step: int) -> dict[str, torch.Tensor]:
+    return torch.load(Path(run_dir) / f"checkpoints/checkpoint_{step:08d}/state.pt", weights_only=True)["model"]
+
+
+@pytest.mark.parametrize(
+    ("name", "damage"),
+    [
+        ("state.pt", "truncate"),
+        pytest.param("state.pt", "delete", marks=pytest.mark.slow),
+        pytest.param("manifest-rank00000.json", "truncate", marks=pytest.mark.slow),
+        pytest.param("manifest-rank00000.json", "delete", marks=pytest.mark.slow),
+    ],
+)
+def test_a_torn_newest_checkpoint_is_skipped_left_in_place_and_the_run_ends_as_if_uninterrupted(tmp_path, name, damage, caplog):
+    quick = ("train.checkpoint_every=5", "evaluation.num_samples=50", "tracking.enabled=false")
+    whole = run_train(_job(tmp_path / "whole", "train.steps=15", *quick))
+    run_train(_job(tmp_path / "torn", "train.steps=10", *quick))
+    torn = tmp_path / "torn/out/digits/checkpoints/checkpoint_00000010" / name
+    if damage == "truncate":
+        torn.write_bytes(torn.read_bytes()[: torn.stat().st_size // 2])
+    else:
+        torn.unlink()
+    left = sorted(p.name for p in torn.parent.iterdir())
+
+    resumed = run_train(_job(tmp_path / "torn", "train.steps=15", *quick))
+    assert resumed.resumed_from == 5
+    assert "skipping checkpoint" in caplog.text and "checkpoint_00000010" in caplog.text
+    for key, value in _model_at(whole.run_dir, 15).items():
+        torch.testing.assert_close(_model_at(resumed.run_dir, 15)[key], value, rtol=0, atol=0, msg=key)
+    # the torn folder was left as it was until the run wrote step 10 again (a committed checkpoint)
+    assert left != sorted(p.name for p in torn.parent.iterdir()) or damage == "truncate"
+    assert checkpoints.saved_steps(resumed.run_dir) == [10, 15]
+
+
+def test_a_run_whose_checkpoints_are_all_torn_is_refused_with_each_one_named(tmp_path):
+    quick = ("train.checkpoint_every=5", "evaluation.num_samples=50", "tracking.enabled=false")
+    run_train(_job(tmp_path, "train.steps=10", *quick))
+    root = tmp_path / "out/digits/checkpoints"
+    for step in (5, 10):
+        (root / f"checkpoint_{step:08d}/state.pt").write_bytes(b"cut off")
+    with pytest.raises(checkpoints.CheckpointError, match=r"checkpoint_00000010: state.pt has 7 bytes.*checkpoint_00000005: state.pt has 7"):
+        run_train(_job(tmp_path, "train.steps=15", *quick))
+    assert (root / "checkpoint_00000010/state.pt").read_bytes() == b"cut off"

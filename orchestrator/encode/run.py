@@ -167,7 +167,7 @@ def run_encode(config: JobConfig) -> EncodeSummary:
     )
     written = 0
     if pending:
-        connect_for_pool(config, settings.num_actors * settings.cpus_per_actor)
+        connect_for_pool(config, settings.num_actors * settings.cpus_per_actor, section="encode")
         resources = pool_resources(settings.num_actors, settings.cpus_per_actor, settings.gpus_per_actor, "encode")
         plan = {"num_images": num_images, "shard_size": settings.shard_size, "batch_size": settings.batch_size, "seed": config.seed, "latent": settings.latent}
         arguments = {"vae": settings.vae, "sha256": sha256, "shape": shape, "source": [ray.put(source)], "out": out, "plan": plan}

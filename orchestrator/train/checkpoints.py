@@ -1,26 +1,41 @@
-"""Training checkpoints: the folder names both backends use, the local backend's run-folder
-checkpoints, and the one check that a checkpoint can be resumed by a job.
+"""Training checkpoints: the folder names both backends use, the manifest that commits a
+checkpoint, and the one rule, for both backends and for the driver's pre-start check, of which
+checkpoint a job resumes from.
 
 Both backends name a checkpoint folder `checkpoint_<step, 8 digits>`:
 
     <run_dir>/checkpoint_00000500/            Ray Train + DeepSpeed (Ray writes these)
     <run_dir>/checkpoints/checkpoint_00000500/state.pt   the single-process backend
 
-A local checkpoint counts only once its state.pt is completely written (local files are written
-under a temporary name and moved; an object-store PUT is atomic), so an interrupted save never
-shadows the previous checkpoint. Only the newest `keep` are kept. Folders named `step_XXXXXXXX`
-(written before 0.2) are still read, and pruned like the others.
+**Committed checkpoints.** Every rank that writes files into a checkpoint also writes
+`manifest-rank<N>.json`: the name, size and sha256 of each of its files, the step, and the world
+size and ZeRO stage that wrote it. A checkpoint counts only when the manifests of all its ranks
+are there and every file they list is there at that size (`checkpoint_problem`); an upload that
+was cut off, a rank that died mid-write, a truncated or deleted file all fail that. The content
+(sha256) is checked where the files are read anyway: by the single-process backend, and by the
+Ray workers on their downloaded copy. Ray's own `checkpoint_manager_snapshot.json` is not read
+for resuming: the manifests are the one source of truth, for the driver and for the workers.
 
-`load_resumable_state` is the one check, for both backends, that a checkpoint can be resumed by
-a job: readable, and written for the same model, data and transport.
+**Which checkpoint resumes** (`resumable_checkpoints`): the newest committed one whose state can
+be read. A newer one that is incomplete or unreadable is skipped, left in place and named in a
+warning (it is overwritten when the run reaches its step again). A job is refused only when
+checkpoints exist and none is good, or when the good one was written for another model, data or
+transport (a different job, not a torn checkpoint).
+
+Folders written before manifests existed (0.2 and older; `step_XXXXXXXX` is the local backend's
+name before 0.2) are resumed as before, newest first, while no folder of the run has a manifest.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import logging
+import os
 import re
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -32,11 +47,16 @@ logger = logging.getLogger(__name__)
 
 # `step_` is the local backend's folder name before 0.2, read for one release
 _CHECKPOINT_FOLDER = re.compile(r"^(?:checkpoint|step)_(\d{8})$")
+_MANIFEST = re.compile(r"^manifest-rank(\d{5})\.json$")
 STATE_FILE = "state.pt"
 
 
 def checkpoint_folder_name(step: int) -> str:
     return f"checkpoint_{step:08d}"
+
+
+def manifest_name(rank: int) -> str:
+    return f"manifest-rank{rank:05d}.json"
 
 
 def checkpoint_folders(parent: str) -> dict[int, str]:
@@ -49,60 +69,167 @@ def checkpoint_folders(parent: str) -> dict[int, str]:
     return found
 
 
-def latest_checkpoint(parent: str) -> tuple[int, str] | None:
-    """(step, folder) of the newest checkpoint folder under `parent`, or None."""
+# --------------------------------------------------------------------------- the manifest
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(
+    local_folder: str, *, rank: int, world_size: int, step: int, zero_stage: int | None, num_chunks: int
+) -> None:
+    """Commit this rank's files in `local_folder` (a local directory about to be persisted):
+    list every file in it with its size and sha256, then write the manifest, last."""
+    files = {}
+    for root, _, names in os.walk(local_folder):
+        for name in names:
+            path = os.path.join(root, name)
+            relative = os.path.relpath(path, local_folder).replace(os.sep, "/")
+            if _MANIFEST.match(relative) or relative.endswith(".partial"):
+                continue
+            files[relative] = {"size": os.path.getsize(path), "sha256": _sha256(path)}
+    manifest = {"step": step, "rank": rank, "world_size": world_size, "zero_stage": zero_stage, "num_chunks": num_chunks, "files": files}
+    storage.write_bytes(os.path.join(local_folder, manifest_name(rank)), json.dumps(manifest, indent=1).encode())
+
+
+def read_manifests(folder: str) -> list[dict[str, Any]]:
+    """The manifests of a checkpoint folder, by rank (empty when it has none)."""
+    return [json.loads(storage.read_bytes(storage.join(folder, name))) for name in sorted(_manifest_names(folder))]
+
+
+def checkpoint_problem(folder: str, *, check_content: bool) -> str | None:
+    """Why `folder` is not a committed checkpoint, or None when it is: the manifests of all its
+    ranks, and every file they list at its size (and, with `check_content`, its sha256)."""
+    try:
+        manifests = read_manifests(folder)
+    except Exception as error:  # a manifest cut off mid-write
+        return f"a manifest cannot be read ({type(error).__name__}: {error})"
+    if not manifests:
+        return "it has no manifest (its write or upload did not finish)"
+    world_size = manifests[0]["world_size"]
+    missing = sorted(set(range(world_size)) - {m["rank"] for m in manifests})
+    if missing:
+        return f"the manifests of ranks {missing} of {world_size} are missing (their write or upload did not finish)"
+    sizes = storage.file_sizes(folder)
+    for manifest in manifests:
+        for name, expected in manifest["files"].items():
+            if name not in sizes:
+                return f"{name} is missing"
+            if sizes[name] != expected["size"]:
+                return f"{name} has {sizes[name]} bytes, not the {expected['size']} its manifest lists"
+            if check_content and _sha256(storage.join(folder, name)) != expected["sha256"]:
+                return f"{name} does not match the sha256 its manifest lists"
+    return None
+
+
+def _manifest_names(folder: str) -> list[str]:
+    return [name for name in storage.list_names(folder) if _MANIFEST.match(name)]
+
+
+# --------------------------------------------------------------------------- which checkpoint resumes
+
+
+@dataclass
+class Checkpoint:
+    step: int
+    folder: str
+    manifest: dict[str, Any] | None  # rank 0's; None for a checkpoint from before manifests
+    local: str | None = None  # where it was read from (a downloaded copy, or `folder`)
+
+
+def committed_checkpoints(parent: str, *, check_content: bool, skipped: list[str] | None = None) -> Iterator[Checkpoint]:
+    """The committed checkpoints under `parent`, newest first; each one skipped is named in a
+    warning (and in `skipped`) and left in place."""
     folders = checkpoint_folders(parent)
-    if not folders:
-        return None
-    step = max(folders)
-    return step, folders[step]
+    legacy = not any(_manifest_names(folder) for folder in folders.values())
+    if legacy and folders:
+        logger.warning("the checkpoints under %s have no manifests (written before 0.3); resuming the newest readable one", parent)
+    for step in sorted(folders, reverse=True):
+        folder = folders[step]
+        if legacy:
+            yield Checkpoint(step, folder, None)
+            continue
+        problem = checkpoint_problem(folder, check_content=check_content)
+        if problem is None:
+            yield Checkpoint(step, folder, read_manifests(folder)[0])
+        else:
+            logger.warning("skipping checkpoint %s: %s; it is left in place", folder, problem)
+            if skipped is not None:
+                skipped.append(f"{os.path.basename(folder)}: {problem}")
 
 
-def checkpoint_root(run_dir: str) -> str:
-    """Where the single-process backend keeps its checkpoints."""
-    return storage.join(run_dir, "checkpoints")
-
-
-def saved_steps(run_dir: str) -> list[int]:
-    """Steps of the single-process backend's complete checkpoints (their state.pt written)."""
-    folders = checkpoint_folders(checkpoint_root(run_dir))
-    return sorted(step for step, folder in folders.items() if storage.exists(storage.join(folder, STATE_FILE)))
-
-
-def latest_local_checkpoint(run_dir: str) -> str | None:
-    """The single-process backend's newest complete checkpoint folder, or None."""
-    steps = saved_steps(run_dir)
-    return checkpoint_folders(checkpoint_root(run_dir))[steps[-1]] if steps else None
-
-
-def save_checkpoint(run_dir: str, step: int, state: dict[str, Any], keep: int) -> str:
-    folder = storage.join(checkpoint_root(run_dir), checkpoint_folder_name(step))
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    storage.write_bytes(storage.join(folder, STATE_FILE), buffer.getvalue())
-    folders = checkpoint_folders(checkpoint_root(run_dir))
-    for old in saved_steps(run_dir)[:-keep]:
-        storage.remove(folders[old])
-    logger.info("checkpoint step %d -> %s", step, folder)
-    return folder
-
-
-def load_resumable_state(folder: str, config: JobConfig, state_file: str = STATE_FILE) -> dict[str, Any]:
-    """The state file of a checkpoint folder (local or s3://), refused with a CheckpointError
-    when it cannot be read or was written for another model, data or transport. Both backends
-    resume through this, so they refuse the same checkpoints with the same words."""
+def read_state(folder: str, config: JobConfig, state_file: str) -> dict[str, Any]:
+    """The state file of a checkpoint folder, refused with a CheckpointError when it was written
+    for another model, data or transport; a file that cannot be read raises UnreadableState."""
     path = storage.join(folder, state_file)
     try:
         state = torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
-    except Exception as error:  # a truncated or foreign file: say which and how to proceed
-        raise CheckpointError(
-            f"checkpoint {path} cannot be read ({type(error).__name__}: {error}); move it away to resume "
-            "from an older one, or start a fresh run with another name= or output_dir="
-        ) from None
+    except Exception as error:  # a truncated or foreign file
+        raise UnreadableState(f"{path} cannot be read ({type(error).__name__}: {error})") from None
     problem = compatibility_problem(state.get("config", {}), config)
     if problem:
         raise CheckpointError(f"cannot resume from checkpoint {folder}: {problem}")
     return state
+
+
+class UnreadableState(Exception):
+    """A state file that cannot be loaded; its checkpoint is skipped."""
+
+
+def resumable_checkpoint(
+    parent: str,
+    config: JobConfig,
+    state_file: str,
+    *,
+    check_content: bool,
+    open_folder: Callable[[str], str] | None = None,
+) -> tuple[Checkpoint, dict[str, Any]] | None:
+    """The checkpoint a job resumes from and its state, or None for a fresh run (no checkpoint
+    folders). `open_folder` maps a checkpoint folder to a local copy (a Ray worker downloads it);
+    the content check and the state read are then done on that copy, which `Checkpoint.local`
+    names. Raises CheckpointError when folders exist and none is good, or when the good one
+    belongs to another job (see the module docstring). Nothing is changed on disk."""
+    skipped: list[str] = []
+    for checkpoint in committed_checkpoints(parent, check_content=check_content and open_folder is None, skipped=skipped):
+        checkpoint.local = open_folder(checkpoint.folder) if open_folder else checkpoint.folder
+        problem = checkpoint_problem(checkpoint.local, check_content=True) if open_folder and check_content else None
+        if problem is None:
+            try:
+                return checkpoint, read_state(checkpoint.local, config, state_file)
+            except UnreadableState as error:
+                problem = str(error)
+        logger.warning("skipping checkpoint %s: %s; it is left in place", checkpoint.folder, problem)
+        skipped.append(f"{os.path.basename(checkpoint.folder)}: {problem}")
+    folders = checkpoint_folders(parent)
+    if not folders:
+        return None
+    raise CheckpointError(
+        f"no checkpoint under {parent} can be resumed ({'; '.join(skipped)}); nothing was changed: move them away to start over, "
+        "or pick another name= or output_dir= for a new run"
+    )
+
+
+def layout_problem(manifest: dict[str, Any] | None, world_size: int, zero_stage: int) -> str | None:
+    """Why DeepSpeed cannot load a checkpoint written at another worker count or ZeRO stage, or
+    None. Without ZeRO the optimiser state is saved whole and loads at any worker count; a ZeRO
+    checkpoint holds one optimiser partition per rank, which DeepSpeed 0.19's `load_checkpoint`
+    reads only at the same world size and stage."""
+    if manifest is None or manifest.get("zero_stage") is None:
+        return None
+    saved_workers, saved_stage = manifest["world_size"], manifest["zero_stage"]
+    if saved_stage == zero_stage and (saved_workers == world_size or zero_stage == 0):
+        return None
+    return (
+        f"it was written by {saved_workers} workers at ZeRO stage {saved_stage} and this job asks for {world_size} at "
+        f"stage {zero_stage}; resuming at another worker count is supported without ZeRO (stage 0 to stage 0) only. "
+        f"Nothing was changed: resume with distributed.num_workers={saved_workers} distributed.zero_stage={saved_stage}, "
+        "or pick another name= or output_dir= for a new run"
+    )
 
 
 def compatibility_problem(saved_config: dict[str, Any], config: JobConfig) -> str | None:
@@ -117,3 +244,34 @@ def compatibility_problem(saved_config: dict[str, Any], config: JobConfig) -> st
             )
     return None
 
+
+# --------------------------------------------------------------------------- the single-process backend
+
+
+def checkpoint_root(run_dir: str) -> str:
+    """Where the single-process backend keeps its checkpoints."""
+    return storage.join(run_dir, "checkpoints")
+
+
+def saved_steps(run_dir: str) -> list[int]:
+    """Steps of the single-process backend's committed checkpoints, oldest first."""
+    return sorted(c.step for c in committed_checkpoints(checkpoint_root(run_dir), check_content=False))
+
+
+def save_checkpoint(run_dir: str, step: int, state: dict[str, Any], keep: int, num_chunks: int) -> str:
+    """Write state.pt, then its manifest (the commit), then prune to the newest `keep`."""
+    import tempfile
+
+    folder = storage.join(checkpoint_root(run_dir), checkpoint_folder_name(step))
+    with tempfile.TemporaryDirectory() as staging:
+        torch.save(state, os.path.join(staging, STATE_FILE))
+        write_manifest(staging, rank=0, world_size=1, step=step, zero_stage=None, num_chunks=num_chunks)
+        # the state first, the manifest last: a crash in between leaves an uncommitted folder
+        for name in (STATE_FILE, manifest_name(0)):
+            with open(os.path.join(staging, name), "rb") as handle:
+                storage.write_bytes(storage.join(folder, name), handle.read())
+    folders = checkpoint_folders(checkpoint_root(run_dir))
+    for old in saved_steps(run_dir)[:-keep]:
+        storage.remove(folders[old])
+    logger.info("checkpoint step %d -> %s", step, folder)
+    return folder

@@ -59,16 +59,19 @@ class TorchOptimization:
 
 
 class RunFolderCheckpointer:
-    """Checkpoints as `<run_dir>/checkpoints/checkpoint_XXXXXXXX/state.pt` (see orchestrator.train.checkpoints)."""
+    """Checkpoints as `<run_dir>/checkpoints/checkpoint_XXXXXXXX/{state.pt, manifest-rank00000.json}`
+    (see orchestrator.train.checkpoints)."""
 
     def __init__(self, config: JobConfig):
         self.config = config
 
     def restore(self, run: TrainingRun, optimization: TorchOptimization) -> dict[str, Any] | None:
-        latest = checkpoints.latest_local_checkpoint(self.config.run_dir)
-        if latest is None:
+        found = checkpoints.resumable_checkpoint(
+            checkpoints.checkpoint_root(self.config.run_dir), self.config, checkpoints.STATE_FILE, check_content=True
+        )
+        if found is None:
             return None
-        state = checkpoints.load_resumable_state(latest, self.config)
+        _, state = found
         run.trained.load_state_dict(state["model"])
         run.load_averages_state(state)
         optimization.optimizer.load_state_dict(state["optimizer"])
@@ -86,7 +89,9 @@ class RunFolderCheckpointer:
             "config": self.config.model_dump(mode="json"),
             **extra,
         }
-        checkpoints.save_checkpoint(self.config.run_dir, run.step, state, keep=self.config.train.keep_checkpoints)
+        checkpoints.save_checkpoint(
+            self.config.run_dir, run.step, state, keep=self.config.train.keep_checkpoints, num_chunks=run.num_chunks
+        )
 
     def report(self, metrics: dict[str, float]) -> None:
         pass

@@ -31,7 +31,14 @@ import torch
 
 from orchestrator import cluster, storage
 from orchestrator.train import worker_errors
-from orchestrator.train.checkpoints import checkpoint_folder_name, latest_checkpoint, load_resumable_state
+from orchestrator.errors import CheckpointError, JobError
+from orchestrator.train.checkpoints import (
+    checkpoint_folder_name,
+    layout_problem,
+    read_state,
+    resumable_checkpoint,
+    write_manifest,
+)
 from orchestrator.config import JobConfig, validate_job
 from orchestrator.train.optimizer import build_optimizer, warmup_schedule
 from orchestrator.train.loop import TrainingRun, TrainSummary, tracker_factory, train_loop
@@ -55,14 +62,14 @@ _WORKER_ENVIRONMENT = {
 # --------------------------------------------------------------------------- worker side
 
 
-def deepspeed_config(config: JobConfig, world_size: int, bf16: bool) -> dict[str, Any]:
+def deepspeed_config(config: JobConfig, world_size: int, accumulation_steps: int, bf16: bool) -> dict[str, Any]:
     """The DeepSpeed config of a job: the global batch is `train.batch_size` whatever the worker count."""
     train = config.train
-    micro_batch = train.batch_size // (world_size * train.gradient_accumulation_steps)
+    micro_batch = train.batch_size // (world_size * accumulation_steps)
     settings: dict[str, Any] = {
         "train_batch_size": train.batch_size,
         "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": train.gradient_accumulation_steps,
+        "gradient_accumulation_steps": accumulation_steps,
         "gradient_clipping": train.gradient_clip,
         "zero_optimization": {"stage": config.distributed.zero_stage},
         # our optimiser is torch's AdamW/RAdam, which ZeRO shards like its own
@@ -89,7 +96,7 @@ class DeepSpeedOptimization:
             model=run.trained,  # the network and the objective's extra modules, sharded alike
             optimizer=optimizer,
             lr_scheduler=scheduler,
-            config=deepspeed_config(run.config, run.world_size, run.autocast_dtype is not None),
+            config=deepspeed_config(run.config, run.world_size, run.accumulation_steps, run.autocast_dtype is not None),
         )
         self.network = self.engine
         self.zero_stage = run.config.distributed.zero_stage
@@ -124,21 +131,58 @@ class DeepSpeedOptimization:
 
 
 class RayCheckpointer:
-    """Every rank writes its DeepSpeed shard into a local folder, rank 0 adds the UCGM state, and
-    all ranks hand their folder to one `ray.train.report`, which merges and persists them."""
+    """Every rank writes its DeepSpeed shard and its manifest into a local folder, rank 0 adds
+    the UCGM state, and all ranks hand their folder to one `ray.train.report`, which merges and
+    persists them. Resuming reads the run folder's manifests (orchestrator.train.checkpoints), not
+    Ray's checkpoint registry, so the driver's pre-start check and the workers agree."""
 
     def __init__(self, config: JobConfig):
         self.config = config
+        self._copies = contextlib.ExitStack()
+        self._chosen: int | None = None
+        self._local: str | None = None
+
+    def choose(self, run: TrainingRun) -> None:
+        """Before the engine is built (a collective): rank 0 picks the checkpoint to resume from
+        and every rank learns its step, and the micro-batch count to train with (see
+        `accumulation_for`)."""
+        choice: list[Any] = [None]
+        if run.rank == 0:
+            try:
+                choice = [self._choose(run)]
+            except JobError as error:  # every rank raises it: the others must not wait for a broadcast
+                choice = [error]
+        if run.world_size > 1:
+            torch.distributed.broadcast_object_list(choice, src=0)
+        if isinstance(choice[0], JobError):
+            raise choice[0]
+        if choice[0] is None:
+            return
+        self._chosen, saved_chunks = choice[0]
+        run.accumulation_steps = accumulation_for(saved_chunks, run.world_size, self.config, log=run.rank == 0)
+
+    def _choose(self, run: TrainingRun) -> tuple[int, int | None] | None:
+        found = resumable_checkpoint(
+            self.config.run_dir, self.config, UCGM_STATE_FILE, check_content=True,
+            open_folder=lambda folder: self._copies.enter_context(storage.downloaded_folder(folder)),
+        )
+        if found is None:
+            return None
+        checkpoint, _ = found
+        problem = layout_problem(checkpoint.manifest, run.world_size, self.config.distributed.zero_stage)
+        if problem:
+            raise CheckpointError(f"cannot resume from checkpoint {checkpoint.folder}: {problem}")
+        self._local = checkpoint.local
+        return checkpoint.step, (checkpoint.manifest or {}).get("num_chunks")
 
     def restore(self, run: TrainingRun, optimization: DeepSpeedOptimization) -> dict[str, Any] | None:
-        import ray.train
-
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
+        if self._chosen is None:
             return None
-        with checkpoint.as_directory() as folder:
-            state = load_resumable_state(folder, self.config, UCGM_STATE_FILE)
-            _, client_state = optimization.engine.load_checkpoint(folder, tag=DEEPSPEED_TAG)
+        folder = storage.join(self.config.run_dir, checkpoint_folder_name(self._chosen))
+        with self._copies:  # rank 0's copy, made (and checked) while choosing, is removed after loading
+            local = self._local or self._copies.enter_context(storage.downloaded_folder(folder))
+            state = read_state(local, self.config, UCGM_STATE_FILE)
+            _, client_state = optimization.engine.load_checkpoint(local, tag=DEEPSPEED_TAG)
         run.load_averages_state(state)
         run.step = int(client_state["step"])
         return state
@@ -152,6 +196,10 @@ class RayCheckpointer:
             if run.rank == 0:
                 state = {"step": run.step, "config": self.config.model_dump(mode="json"), **run.averages_state(), **extra}
                 torch.save(state, os.path.join(folder, UCGM_STATE_FILE))
+            write_manifest(
+                folder, rank=run.rank, world_size=run.world_size, step=run.step,
+                zero_stage=self.config.distributed.zero_stage, num_chunks=run.num_chunks,
+            )
             ray.train.report(
                 dict(metrics),
                 checkpoint=Checkpoint.from_directory(folder),
@@ -164,6 +212,33 @@ class RayCheckpointer:
         import ray.train
 
         ray.train.report(dict(metrics))
+
+
+def accumulation_for(saved_chunks: int | None, world_size: int, config: JobConfig, *, log: bool) -> int:
+    """Gradient accumulation steps for a run resumed at `world_size` workers from a checkpoint
+    trained with `saved_chunks` micro-batches per step. A step's data and noise depend only on
+    (seed, step, chunk), so keeping the chunk count (2 workers x 1 -> 1 worker x 2) continues the
+    interrupted run exactly; where the new worker count does not divide it, the run goes on at
+    the same global batch in another split and no longer reproduces the uninterrupted one."""
+    configured = config.train.gradient_accumulation_steps
+    if saved_chunks is None or saved_chunks == world_size * configured:
+        return configured
+    if saved_chunks % world_size == 0:
+        accumulation = saved_chunks // world_size
+        if log:
+            logger.info(
+                "resuming on %d workers: %d gradient accumulation steps (not %d) keep the checkpoint's %d micro-batches per step, "
+                "so the run continues exactly as it would have", world_size, accumulation, configured, saved_chunks,
+            )
+        return accumulation
+    if log:
+        logger.warning(
+            "resuming on %d workers from a checkpoint trained with %d micro-batches per step: %d does not divide into "
+            "%d workers, so the run continues at the same global batch (train.batch_size=%d) in %d micro-batches and is "
+            "no longer bitwise reproducible against an uninterrupted run",
+            world_size, saved_chunks, saved_chunks, world_size, config.train.batch_size, world_size * configured,
+        )
+    return configured
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
@@ -182,24 +257,43 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             rank=context.get_world_rank(),
             world_size=context.get_world_size(),
         )
-        train_loop(run, DeepSpeedOptimization(run), RayCheckpointer(config), tracker_factory(config))
+        checkpointer = RayCheckpointer(config)
+        checkpointer.choose(run)  # before the engine: a resumed run may train with another accumulation
+        train_loop(run, DeepSpeedOptimization(run), checkpointer, tracker_factory(config))
 
 
 # --------------------------------------------------------------------------- driver side
 
 
 def check_resumable(config: JobConfig) -> None:
-    """Refuse, before any worker starts, a run folder whose newest checkpoint this job cannot
-    resume (unreadable, or written for another model/data/transport); nothing is changed."""
-    latest = latest_checkpoint(config.run_dir)
-    if latest is None:
+    """Refuse, before any worker starts, a run folder that holds checkpoints of which none can
+    be resumed by this job (orchestrator.train.checkpoints: none committed and readable, or the
+    good one written for another model/data/transport or a ZeRO layout DeepSpeed cannot load at
+    this worker count); nothing is changed. Torn newer checkpoints are named in warnings."""
+    found = resumable_checkpoint(config.run_dir, config, UCGM_STATE_FILE, check_content=False)
+    if found is None:
         return
-    load_resumable_state(latest[1], config, UCGM_STATE_FILE)
+    checkpoint, _ = found
+    problem = layout_problem(checkpoint.manifest, config.distributed.num_workers, config.distributed.zero_stage)
+    if problem:
+        raise CheckpointError(f"cannot resume from checkpoint {checkpoint.folder}: {problem}")
+    logger.info("resuming from %s", checkpoint.folder)
 
 
 def connect_for_training(config: JobConfig) -> None:
     """Join the cluster the job names, or start a local one in-process (reused if already up),
-    with the environment Ray Train and DeepSpeed read at start."""
+    with the environment Ray Train and DeepSpeed read at start. A local cluster is sized to this
+    machine; a job it cannot hold is refused first (ResourceError, nothing started; see
+    cluster.check_local_capacity and cluster.TRAIN_WORKER_GIB)."""
+    distributed = config.distributed
+    cluster.check_local_capacity(
+        distributed.ray_address,
+        distributed.num_workers,
+        distributed.cpus_per_worker,
+        cluster.TRAIN_WORKER_GIB,
+        f"{distributed.num_workers} training workers (distributed.num_workers)",
+        "lower distributed.num_workers or distributed.cpus_per_worker",
+    )
     os.environ.update({k: v for k, v in _WORKER_ENVIRONMENT.items() if k not in os.environ})
     if config.distributed.gpus_per_worker == 0:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed picks its accelerator at import
@@ -230,12 +324,12 @@ def run_train_ray(config: JobConfig, callbacks: tuple[Any, ...] = ()) -> TrainSu
     """Train with Ray Train + DeepSpeed; re-running the same job (same output_dir and name)
     resumes from its newest checkpoint. `callbacks`: Ray Train callbacks, e.g. the one that
     forwards reports to a Tune trial (orchestrator.tune.run)."""
+    check_resumable(config)
+    connect_for_training(config)  # first: a job this machine cannot hold is refused before Ray Train is even imported
+    check_resources(config)
+
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
-
-    check_resumable(config)
-    connect_for_training(config)
-    check_resources(config)
 
     distributed = config.distributed
     use_gpu = distributed.gpus_per_worker > 0
