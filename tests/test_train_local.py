@@ -128,7 +128,7 @@ def _model_at(run_dir: str, step: int) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize(
     ("name", "damage"),
     [
-        ("state.pt", "truncate"),
+        pytest.param("state.pt", "truncate", marks=pytest.mark.slow),
         pytest.param("state.pt", "delete", marks=pytest.mark.slow),
         pytest.param("manifest-rank00000.json", "truncate", marks=pytest.mark.slow),
         pytest.param("manifest-rank00000.json", "delete", marks=pytest.mark.slow),

@@ -141,6 +141,7 @@ def test_more_gpus_than_the_cluster_has_fail_instead_of_waiting(ray_cluster, tmp
         run_train(_job(str(tmp_path), tmp_path, "distributed.gpus_per_worker=1", "tracking.enabled=false"))
 
 
+@pytest.mark.slow  # the default run refuses torn and foreign checkpoints in test_train_local and below
 def test_incompatible_or_corrupt_checkpoints_are_refused_and_left_untouched(ray_cluster, tmp_path):
     output = str(tmp_path / "out")
     run_train(_job(output, tmp_path, "train.steps=10", "tracking.enabled=false"))
