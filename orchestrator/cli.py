@@ -4,7 +4,8 @@ The job spec is validated and its rules checked (orchestrator.job_checks) before
 happens, so a typo or a wrong path costs seconds, not a cluster. Exit codes: 2 for a job that
 cannot run as written (a ConfigError, whenever it is found), 1 for other problems of its inputs
 or environment (a checkpoint, a package, the cluster's size); both print `error: ...` and no
-traceback.
+traceback. A training run stopped by SIGTERM or Ctrl-C, with a checkpoint written at the step it
+reached, exits 128 + the signal's number (143, 130), as the signal alone would.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 from orchestrator.config import load_job
 from orchestrator.errors import ConfigError, JobError
 from orchestrator.job_checks import check_job
+from orchestrator.stopping import Stopped
 from orchestrator.verbs import VERBS
 
 logger = logging.getLogger(__name__)
@@ -56,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
             print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
             return 0
         summary = VERBS[args.verb].run(config)
+    except Stopped as stopped:
+        # a SIGTERM / Ctrl-C, handled: the checkpoint is written; exit as the signal would have
+        print(f"stopped: {stopped}", file=sys.stderr)
+        return stopped.exit_code
     except (JobError, FileNotFoundError, ImportError) as error:
         # problems of the input (a path, a package, a checkpoint), not of the code: no traceback;
         # a ConfigError is the job's, whether the checks found it or only the data could show it

@@ -1,6 +1,7 @@
 """Jobs submitted to a real Ray cluster with the job server (`ray start --head` + the
 JobSubmissionClient that `ray job submit` uses), with the documented runtime_env: training joins
-the cluster, a re-submitted job resumes, evaluate reads its model, storage on a local S3 server
+the cluster, `ray job stop` leaves a checkpoint at the step reached, a re-submitted job resumes
+from it, evaluate reads its model, storage on a local S3 server
 with credentials passed in the runtime_env, and a job the cluster cannot hold fails with a clear
 message instead of waiting forever.
 
@@ -238,25 +239,42 @@ def _training_workers_of(cluster: JobCluster) -> int:
     return len(client.list(StateResource.ACTORS, options=options, raise_on_missing_output=False))
 
 
-def test_a_submitted_training_job_runs_on_the_cluster_resumes_when_resubmitted_and_evaluate_reads_its_model(job_cluster, tmp_path):
+def test_a_submitted_training_job_runs_on_the_cluster_stops_with_a_checkpoint_on_ray_job_stop_resumes_when_resubmitted_and_evaluate_reads_its_model(job_cluster, tmp_path):
     out = tmp_path / "runs"
     common = _common(str(out), tmp_path)
-    status, logs = job_cluster.run("train", "jobs/digits.yaml", *common, "train.steps=20")
-    assert status == "SUCCEEDED", logs[-4000:]
+    # `ray job stop` once step 10 is logged: SIGTERM to the driver, which checkpoints at the step
+    # it reached and exits before the SIGKILL that follows RAY_JOB_STOP_WAIT_TIME_S
+    job_id = job_cluster.submit("train", "jobs/digits.yaml", *common, "train.steps=30", env_vars={"RAY_JOB_STOP_WAIT_TIME_S": "120"})
+    metrics = out / "digits" / "metrics.jsonl"
+    deadline = time.monotonic() + JOB_DEADLINE_S
+    while not (metrics.exists() and metrics.read_text().strip()):
+        assert str(job_cluster.client.get_job_status(job_id).value) not in TERMINAL, job_cluster.client.get_job_logs(job_id)[-4000:]
+        assert time.monotonic() < deadline, "no interval was logged"
+        time.sleep(0.2)
+    job_cluster.client.stop_job(job_id)
+    status, logs = job_cluster.wait(job_id)
+    assert status == "STOPPED", logs[-4000:]
     # distributed.ray_address is null: the driver joined the job server's cluster instead of
     # starting one of its own, and the training workers ran there
     assert re.search(rf"joined the Ray cluster at \S+:{job_cluster.gcs_port}\b", logs)
     assert _training_workers_of(job_cluster) >= 1
-    first = _summary(f"{out}/digits")
-    assert (first["steps"], first["resumed_from"]) == (20, 0)
+    stopped = re.search(r"stopped: stopped on SIGTERM at step (\d+)", logs)
+    assert stopped, logs[-4000:]
+    step = int(stopped.group(1))
+    assert 10 <= step < 30 and storage.exists(f"{out}/digits/checkpoint_{step:08d}/ucgm_state.pt")
+    assert not storage.exists(f"{out}/digits/summary.json")
 
-    # the same job submitted again, asking for more steps, continues from its newest checkpoint
+    # the same job submitted again continues from the checkpoint the stop wrote, in the same MLflow run
     status, logs = job_cluster.run("train", "jobs/digits.yaml", *common, "train.steps=30")
     assert status == "SUCCEEDED", logs[-4000:]
     second = _summary(f"{out}/digits")
-    assert (second["steps"], second["resumed_from"]) == (30, 20)
-    assert second["mlflow_run_id"] == first["mlflow_run_id"]
-    assert f"resuming {out}/digits from step 20" in logs
+    assert (second["steps"], second["resumed_from"]) == (30, step)
+    assert f"resuming {out}/digits from step {step}" in logs
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    runs = client.search_runs([experiment.experiment_id for experiment in client.search_experiments()])
+    assert [r.info.run_id for r in runs] == [second["mlflow_run_id"]] and runs[0].info.status == "FINISHED"
 
     # reference statistics, then evaluate on the model that training wrote, in one submitted job
     reference = shlex.join(["python", "-m", "orchestrator", "reference", "jobs/digits.yaml", *common])
@@ -279,16 +297,15 @@ def test_a_submitted_job_stores_on_s3_with_credentials_from_the_runtime_env_and_
     output = f"{s3_bucket}/runs"
     # MLflow is covered above; here only storage and credentials matter
     common = _common(output, tmp_path, "train.checkpoint_every=5", "train.log_every=5", "tracking.enabled=false")
+    # (resuming from S3 is test_train_ray's; one run shows the job reads and writes there)
     status, logs = job_cluster.run("train", "jobs/digits.yaml", *common, "train.steps=10", env_vars=credentials)
     assert status == "SUCCEEDED", logs[-4000:]
-    status, logs_again = job_cluster.run("train", "jobs/digits.yaml", *common, "train.steps=15", env_vars=credentials)
-    assert status == "SUCCEEDED", logs_again[-4000:]
 
     summary = _summary(f"{output}/digits")  # read here with the pytest process's own credentials
-    assert (summary["steps"], summary["resumed_from"]) == (15, 10)
+    assert (summary["steps"], summary["resumed_from"]) == (10, 0)
     names = storage.list_names(f"{output}/digits")
-    assert {"checkpoint_00000010", "checkpoint_00000015", "model.pt"} <= set(names)
-    assert secret not in logs + logs_again
+    assert {"checkpoint_00000005", "checkpoint_00000010", "model.pt"} <= set(names)
+    assert secret not in logs
 
 
 def test_a_job_the_cluster_cannot_hold_fails_with_a_clear_message_instead_of_waiting(job_cluster, tmp_path):

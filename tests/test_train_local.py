@@ -11,6 +11,7 @@ import torch
 from orchestrator.train import checkpoints
 from orchestrator.config import load_job
 from orchestrator.train.run import run_train
+from driver_helpers import stopped_by_a_signal
 from ucgm_core.model_file import load_model_file
 from ucgm_core.sampler import sample
 
@@ -164,3 +165,29 @@ def test_a_run_whose_checkpoints_are_all_torn_is_refused_with_each_one_named(tmp
     with pytest.raises(checkpoints.CheckpointError, match=r"checkpoint_00000010: state.pt has 7 bytes.*checkpoint_00000005: state.pt has 7"):
         run_train(_job(tmp_path, "train.steps=15", *quick))
     assert (root / "checkpoint_00000010/state.pt").read_bytes() == b"cut off"
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", pytest.param("SIGINT", marks=pytest.mark.slow)])
+def test_a_signal_to_the_driver_writes_a_checkpoint_at_that_step_and_the_rerun_ends_as_if_uninterrupted(tmp_path, signal_name):
+    import re
+    import signal
+
+    quick = ("train.steps=60", "train.checkpoint_every=1000", "evaluation.num_samples=50", "tracking.enabled=false")
+    stopped = _job(tmp_path / "stopped", *quick)
+    overrides = [f"output_dir={stopped.output_dir}", "distributed.backend=local", "train.sample_every=100000", "train.log_every=25", *quick]
+    number = getattr(signal, signal_name)
+    code, stderr = stopped_by_a_signal(["train", "jobs/digits.yaml", *overrides], Path(stopped.run_dir) / "metrics.jsonl", 25, number)
+
+    assert code == 128 + number, stderr[-3000:]
+    step = int(re.search(rf"stopped: stopped on {signal_name} at step (\d+)", stderr).group(1))
+    assert 25 < step < 60 and checkpoints.saved_steps(stopped.run_dir) == [step]
+    assert not (Path(stopped.run_dir) / "model.pt").exists()
+
+    resumed = run_train(stopped)
+    whole = run_train(_job(tmp_path / "whole", *quick))
+    assert resumed.resumed_from == step
+    for key, value in _model_at(whole.run_dir, 60).items():
+        torch.testing.assert_close(_model_at(resumed.run_dir, 60)[key], value, rtol=0, atol=0, msg=key)
+    # the stop closed its logging interval there: each step is in one record, none in two
+    logged = [json.loads(line)["step"] for line in (Path(resumed.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert logged == sorted({25, step, 50, 60})

@@ -16,6 +16,7 @@ from orchestrator.config import load_job
 from orchestrator.errors import CheckpointError, ConfigError, ResourceError
 from orchestrator.job_checks import check_job
 from orchestrator.train.run import run_train
+from driver_helpers import stopped_by_a_signal
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,9 +60,10 @@ def _ema_weights(run_dir: str) -> dict[str, torch.Tensor]:
     return torch.load(io.BytesIO(storage.read_bytes(f"{run_dir}/model.pt")), weights_only=True)["state_dict"]
 
 
+@pytest.mark.slow  # the default run holds ZeRO-3 to the same reference in the torn-checkpoint test below
 def test_two_workers_under_zero_3_reproduce_the_single_process_run(ray_cluster, tmp_path):
     # 2 workers x 1 micro-batch and 1 process x 2 accumulated micro-batches see the same chunks;
-    # ZeRO-2 is held to the same reference by the torn-checkpoint test below
+    # ZeRO-2 is held to the same reference by the worker-restart test below
     common = ("train.steps=40", "tracking.enabled=false")
     local = run_train(_job(str(tmp_path / "local"), tmp_path, *common, "distributed.backend=local", "train.gradient_accumulation_steps=2"))
     zero3 = run_train(_job(str(tmp_path / "zero3"), tmp_path, *common, "distributed.zero_stage=3"))
@@ -95,22 +97,19 @@ def test_checkpoints_go_to_s3_and_a_resubmitted_job_resumes_from_them(ray_cluste
     assert client.get_run(first.mlflow_run_id).data.params["distributed.num_workers"] == "2"
 
 
-def test_a_worker_that_dies_mid_run_is_restarted_and_the_run_ends_as_if_uninterrupted(ray_cluster, tmp_path, monkeypatch):
+def test_a_worker_that_dies_mid_run_is_restarted_and_the_run_ends_as_if_uninterrupted(ray_cluster, tmp_path, monkeypatch, reference_30_steps):
+    # 2 workers under ZeRO-2, held to the single process's run
     marker = tmp_path / "fault-happened"
     monkeypatch.setenv("UCGM_FAULT_AT_STEP", "15")
     monkeypatch.setenv("UCGM_FAULT_MARKER", str(marker))
-    common = ("train.steps=30", "tracking.enabled=false")
+    common = ("train.steps=30", "tracking.enabled=false", "distributed.zero_stage=2")
     faulted = run_train(_job(str(tmp_path / "faulted"), tmp_path, *common, "distributed.max_failures=1"))
-    monkeypatch.delenv("UCGM_FAULT_AT_STEP")
-    clean = run_train(_job(str(tmp_path / "clean"), tmp_path, *common, "distributed.backend=local", "train.gradient_accumulation_steps=2"))
 
     assert marker.exists(), "the fault hook never fired"
     assert faulted.steps == 30
     steps = [json.loads(line)["step"] for line in (Path(faulted.run_dir) / "metrics.jsonl").read_text().splitlines()]
     assert steps == [10, 20, 30]  # nothing lost, nothing logged twice
-    assert _losses(faulted.run_dir) == pytest.approx(_losses(clean.run_dir), rel=1e-5)
-    for name, value in _ema_weights(clean.run_dir).items():
-        torch.testing.assert_close(_ema_weights(faulted.run_dir)[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    _assert_same_run(faulted, reference_30_steps)
 
 
 @pytest.mark.parametrize(
@@ -203,19 +202,21 @@ def _torn_run(tmp_path: Path, damage, zero_stage: int = 2):
 
 
 def test_a_torn_newest_checkpoint_is_skipped_and_the_run_ends_as_if_uninterrupted(ray_cluster, tmp_path, reference_30_steps):
+    # under ZeRO-3: this also holds ZeRO-3 (and the EMA updated from gathered parameters) to the
+    # single process's run
     def cut_a_deepspeed_shard(folder: Path) -> None:
         shard = next(p for p in folder.rglob("zero_pp_rank_1_*optim_states.pt"))
         shard.write_bytes(shard.read_bytes()[:1000])
 
-    resumed, newest = _torn_run(tmp_path, cut_a_deepspeed_shard)
+    resumed, newest = _torn_run(tmp_path, cut_a_deepspeed_shard, zero_stage=3)
     assert (resumed.resumed_from, resumed.steps) == (10, 30)
     assert [json.loads(line)["step"] for line in Path(resumed.run_dir, "metrics.jsonl").read_text().splitlines()] == [10, 20, 30]
     _assert_same_run(resumed, reference_30_steps)
 
     # a ZeRO checkpoint at another worker count is refused before any worker starts, untouched
     before = _shard_names(newest.parent)
-    with pytest.raises(CheckpointError, match="written by 2 workers at ZeRO stage 2 .* distributed.num_workers=2"):
-        run_train(_job(str(tmp_path / "out"), tmp_path, "train.steps=40", "tracking.enabled=false", "distributed.zero_stage=2", "distributed.num_workers=1"))
+    with pytest.raises(CheckpointError, match="written by 2 workers at ZeRO stage 3 .* distributed.num_workers=2"):
+        run_train(_job(str(tmp_path / "out"), tmp_path, "train.steps=40", "tracking.enabled=false", "distributed.zero_stage=3", "distributed.num_workers=1"))
     assert _shard_names(newest.parent) == before
 
 
@@ -247,3 +248,36 @@ def test_without_zero_a_run_resumes_at_another_worker_count_with_the_same_micro_
     resumed = run_train(_job(output, tmp_path, "train.steps=30", "tracking.enabled=false", "distributed.zero_stage=0", "distributed.num_workers=1"))
     assert (resumed.resumed_from, resumed.steps) == (20, 30)
     _assert_same_run(resumed, reference_30_steps)
+
+
+@pytest.mark.slow  # ~2 min; the default run stops a submitted job with `ray job stop` (test_job_submit)
+def test_sigterm_to_the_driver_writes_a_checkpoint_at_that_step_and_the_rerun_ends_as_if_uninterrupted(
+    ray_cluster, tmp_path, reference_30_steps
+):
+    # what `ray job stop` and a deleted KubeRay pod send; the driver joins this module's cluster
+    import re
+    import signal
+
+    import ray
+
+    output = tmp_path / "out"
+    overrides = [
+        f"output_dir={output}", "distributed.num_workers=2", "distributed.cpus_per_worker=1", "distributed.zero_stage=3",
+        "train.steps=30", "train.log_every=10", "train.checkpoint_every=10", "train.sample_every=100000",
+        "evaluation.num_samples=50", "tracking.enabled=false", f"distributed.ray_address={ray.get_runtime_context().gcs_address}",
+    ]
+    code, log = stopped_by_a_signal(["train", "jobs/digits.yaml", *overrides], output / "digits/metrics.jsonl", 10, signal.SIGTERM)
+    assert code == 143, log[-3000:]
+    step = int(re.search(r"stopped: stopped on SIGTERM at step (\d+)", log).group(1))
+    assert 10 < step < 30
+    assert storage.exists(str(output / f"digits/checkpoint_{step:08d}/ucgm_state.pt"))
+
+    resumed = run_train(_job(str(output), tmp_path, "train.steps=30", "tracking.enabled=false", "distributed.zero_stage=3"))
+    assert (resumed.resumed_from, resumed.steps) == (step, 30)
+    logged = [json.loads(line)["step"] for line in (output / "digits/metrics.jsonl").read_text().splitlines()]
+    assert logged == sorted({10, step, 20, 30})  # the stop closed its interval: each step in one record
+    # the intervals the stop did not split have the single process's losses
+    whole = [r for r in map(json.loads, (output / "digits/metrics.jsonl").read_text().splitlines()) if r["step"] in (10, 30)]
+    assert [r["loss"] for r in whole] == pytest.approx([_losses(reference_30_steps.run_dir)[i] for i in (0, 2)], rel=1e-5)
+    for name, value in _ema_weights(reference_30_steps.run_dir).items():
+        torch.testing.assert_close(_ema_weights(resumed.run_dir)[name], value, rtol=1e-4, atol=1e-5, msg=name)

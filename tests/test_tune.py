@@ -389,6 +389,7 @@ def _completed_trials(sweep) -> dict[int, tuple]:
     return {t.number: (t.params, t.values) for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))}
 
 
+@pytest.mark.slow  # ~2 min; the default run re-queues a cut-off trial in test_a_trial_a_kill_cut_off_is_queued_again...
 def test_a_killed_sweep_continues_with_the_trials_it_had_finished(ray_cluster, trained_model, tmp_path):
     from orchestrator.tune.run import run_tune
 

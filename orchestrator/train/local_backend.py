@@ -17,6 +17,7 @@ from orchestrator.errors import ResourceError
 from orchestrator.config import JobConfig
 from orchestrator.train.loop import TrainingRun, TrainSummary, tracker_factory, train_loop
 from orchestrator.train.optimizer import build_optimizer, warmup_schedule
+from orchestrator.stopping import LocalStop, StopRequest, Stopped, signals_stop
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -98,6 +99,12 @@ class RunFolderCheckpointer:
 
 
 def run_train_local(config: JobConfig) -> TrainSummary:
-    """Train in this process, resuming from the newest checkpoint of the run folder if there is one."""
-    run = TrainingRun(config, device=resolve_device(config.train.device))
-    return train_loop(run, TorchOptimization(run), RunFolderCheckpointer(config), tracker_factory(config))
+    """Train in this process, resuming from the newest checkpoint of the run folder if there is
+    one. SIGTERM or Ctrl-C stops it with a checkpoint at the current step (`Stopped`)."""
+    request = StopRequest()
+    with signals_stop(request):
+        run = TrainingRun(config, device=resolve_device(config.train.device))
+        summary = train_loop(run, TorchOptimization(run), RunFolderCheckpointer(config), tracker_factory(config), LocalStop(request))
+    if summary is None:
+        raise Stopped(request.signal_name or "a stop request", run.step, request.exit_code)
+    return summary

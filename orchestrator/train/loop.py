@@ -29,6 +29,7 @@ import torch
 from orchestrator import storage
 from orchestrator.train import pretrained
 from orchestrator.train.batches import BatchSchedule, step_generator
+from orchestrator.stopping import NoStop, StopCheck
 from orchestrator.config import JobConfig
 from orchestrator.errors import ConfigError
 from orchestrator.image_grid import grid_png
@@ -295,9 +296,16 @@ def tracker_factory(config: JobConfig) -> TrackerFactory:
     )
 
 
-def train_loop(run: TrainingRun, optimization: Optimization, checkpointer: Checkpointer, open_tracker: TrackerFactory) -> TrainSummary:
+def train_loop(
+    run: TrainingRun, optimization: Optimization, checkpointer: Checkpointer, open_tracker: TrackerFactory, stop: StopCheck | None = None
+) -> TrainSummary | None:
     """Resume if a checkpoint exists, train to `train.steps`, then (rank 0) write the final grid,
-    the quality score, the consolidated model file and summary.json."""
+    the quality score, the consolidated model file and summary.json.
+
+    When `stop` asks for it (a signal to the driver; orchestrator.stopping), the run writes
+    a checkpoint at the step it is at, closes the logging interval there and returns None; when
+    it reports a node being preempted, it writes a checkpoint and goes on."""
+    stop = stop or NoStop()
     started = time.perf_counter()
     config, train, is_main = run.config, run.config.train, run.rank == 0
     restored = checkpointer.restore(run, optimization)
@@ -335,16 +343,26 @@ def train_loop(run: TrainingRun, optimization: Optimization, checkpointer: Check
             run.step += 1
             _inject_fault_for_tests(run)
 
-            metrics = interval.flush(grad_norm) if run.step % train.log_every == 0 or run.step == train.steps else None
+            # the same answer on every rank (a collective); the last step ends the run anyway
+            stopping = stop.should_stop(run.step) and run.step < train.steps
+            preempted = stop.preempted()
+            # a stop closes the interval where it is, so each step's loss is in exactly one record
+            logged = stopping or run.step % train.log_every == 0 or run.step == train.steps
+            metrics = interval.flush(grad_norm) if logged else None
             if train.score_every and run.step % train.score_every == 0:
                 # every rank reports on this step (reports are collective); rank 0's carries the score
                 metrics = {**(metrics or {"step": run.step}), **quick_score(run, scorer, tracker, started)}
             if is_main and run.step % train.sample_every == 0:
                 write_sample_grid(run, tracker, f"step_{run.step:08d}")
-            if run.step % train.checkpoint_every == 0 or run.step == train.steps:
+            if stopping or preempted or run.step % train.checkpoint_every == 0 or run.step == train.steps:
                 checkpointer.save(run, optimization, {"mlflow_run_id": tracker.run_id}, metrics or {"step": run.step})
             elif metrics is not None:
                 checkpointer.report(metrics)
+            if stopping:
+                if is_main:
+                    logger.warning("stopped at step %d/%d with a checkpoint; run the same job again to resume", run.step, train.steps)
+                tracker.finish("KILLED")
+                return None
     except BaseException:
         tracker.finish("FAILED")
         raise

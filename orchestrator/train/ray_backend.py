@@ -25,6 +25,7 @@ import contextlib
 import logging
 import os
 import tempfile
+import threading
 from typing import Any
 
 import torch
@@ -42,6 +43,7 @@ from orchestrator.train.checkpoints import (
 from orchestrator.config import JobConfig, validate_job
 from orchestrator.train.optimizer import build_optimizer, warmup_schedule
 from orchestrator.train.loop import TrainingRun, TrainSummary, tracker_factory, train_loop
+from orchestrator.stopping import RayWorkerStop, StopFlag, StopRequest, Stopped, signals_stop
 
 logger = logging.getLogger(__name__)
 
@@ -259,7 +261,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         )
         checkpointer = RayCheckpointer(config)
         checkpointer.choose(run)  # before the engine: a resumed run may train with another accumulation
-        train_loop(run, DeepSpeedOptimization(run), checkpointer, tracker_factory(config))
+        stop = RayWorkerStop(loop_config["stop_flag"], run.rank, run.world_size, run.device, config.train.steps)
+        train_loop(run, DeepSpeedOptimization(run), checkpointer, tracker_factory(config), stop)
 
 
 # --------------------------------------------------------------------------- driver side
@@ -336,9 +339,14 @@ def run_train_ray(config: JobConfig, callbacks: tuple[Any, ...] = ()) -> TrainSu
     resources = {"CPU": distributed.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = distributed.gpus_per_worker
+    import ray
+
+    # the driver's SIGTERM / Ctrl-C reaches the workers through this actor (orchestrator.stopping)
+    request, flag = StopRequest(), ray.remote(num_cpus=0)(StopFlag).remote()
+    request.on_request(lambda signal_name: flag.request.remote(signal_name))
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"job": config.model_dump(mode="json")},
+        train_loop_config={"job": config.model_dump(mode="json"), "stop_flag": flag},
         scaling_config=ScalingConfig(num_workers=distributed.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
@@ -352,9 +360,36 @@ def run_train_ray(config: JobConfig, callbacks: tuple[Any, ...] = ()) -> TrainSu
     )
     worker_errors.clear_recorded(config.run_dir)
     try:
-        trainer.fit()
+        with signals_stop(request):
+            _fit(trainer)
     except TrainingFailedError:
         worker_errors.raise_recorded(config.run_dir)  # one rank's JobError, and the others' collateral failures
         raise
     worker_errors.raise_recorded(config.run_dir)
+    stopped_at = ray.get(flag.stopped_step.remote())
+    if stopped_at is not None:
+        raise Stopped(request.signal_name or "a stop request", stopped_at, request.exit_code)
     return TrainSummary.from_json(storage.read_bytes(storage.join(config.run_dir, "summary.json")).decode())
+
+
+def _fit(trainer: Any) -> None:
+    """`trainer.fit()`, from a second thread when called from the main one. Ray Train's `fit`
+    installs, in the main thread, a SIGINT handler that aborts the run without a checkpoint; from
+    another thread it installs none, and the main thread stays free to run `signals_stop`'s."""
+    if threading.current_thread() is not threading.main_thread():
+        trainer.fit()
+        return
+    outcome: dict[str, BaseException] = {}
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as error:  # handed to the main thread, which raises it
+            outcome["error"] = error
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)  # short waits: signal handlers run between them
+    if "error" in outcome:
+        raise outcome["error"]
