@@ -39,10 +39,13 @@ logger = logging.getLogger(__name__)
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-# How often the workers ask Ray Train whether a node of theirs is being drained. Each question is
-# a barrier of the whole group, so it is asked on a clock (rank 0's, shared through the per-step
-# all-reduce) and not every step; Ray's own watcher polls every 5 s, and a drain gives minutes.
-PREEMPTION_POLL_SECONDS = 5.0
+# How often the workers ask Ray Train whether a node of theirs is being drained: as often as Ray
+# Train's own watcher looks (its setting, 5 s by default, which Ray passes from the driver to the
+# workers), since asking more often learns nothing new. Each question is a barrier of the whole
+# group, so it is asked on a clock (rank 0's, shared through the per-step all-reduce) rather
+# than every step.
+_PREEMPTION_POLL_VARIABLE = "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S"
+_DEFAULT_PREEMPTION_POLL_SECONDS = 5.0
 
 
 class Stopped(Exception):
@@ -183,6 +186,7 @@ class RayWorkerStop:
         self.flag, self.rank, self.world_size, self.device = flag, rank, world_size, device
         self.last_step = last_step  # a stop asked for on the last step changes nothing: the run ends there
         self._pending = None
+        self._preemption_poll_seconds = float(os.environ.get(_PREEMPTION_POLL_VARIABLE, _DEFAULT_PREEMPTION_POLL_SECONDS))
         self._asked_preemption_at = time.monotonic()
         self._ask_preemption = False
         self._saved_for_preemption = False
@@ -190,19 +194,29 @@ class RayWorkerStop:
     def _driver_requested(self) -> bool:
         import ray
 
+        if self.flag is None:
+            return False
         if self._pending is None:
             self._pending = self.flag.requested.remote()
         ready, _ = ray.wait([self._pending], timeout=0)
         if not ready:
             return False
-        answer, self._pending = ray.get(self._pending), None
+        try:
+            answer = ray.get(self._pending)
+        except ray.exceptions.RayActorError as error:
+            # the flag lives on the driver's node (see run_train_ray); losing it must not end training
+            logger.warning("the driver's stop flag is gone (%s); training goes on without it", type(error).__name__)
+            self.flag = None
+            return False
+        finally:
+            self._pending = None
         return answer is not None
 
     def should_stop(self, step: int) -> bool:
         stop = ask = 0.0
         if self.rank == 0:
             stop = float(self._driver_requested())
-            if time.monotonic() - self._asked_preemption_at >= PREEMPTION_POLL_SECONDS:
+            if time.monotonic() - self._asked_preemption_at >= self._preemption_poll_seconds:
                 ask, self._asked_preemption_at = 1.0, time.monotonic()
         if self.world_size > 1:
             import torch
@@ -211,7 +225,7 @@ class RayWorkerStop:
             torch.distributed.all_reduce(decision, op=torch.distributed.ReduceOp.MAX)
             stop, ask = decision.tolist()
         self._ask_preemption = bool(ask)
-        if stop and self.rank == 0 and step < self.last_step:
+        if stop and self.rank == 0 and step < self.last_step and self.flag is not None:
             import ray
 
             ray.get(self.flag.stopped_at.remote(step))  # waited for: the driver reads it once training returns

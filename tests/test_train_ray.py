@@ -77,6 +77,7 @@ def test_two_workers_under_zero_3_reproduce_the_single_process_run(ray_cluster, 
             torch.testing.assert_close(_ema_weights(run.run_dir)[name], value, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.slow  # the default run resumes from S3 in the torn-checkpoint test below
 def test_checkpoints_go_to_s3_and_a_resubmitted_job_resumes_from_them(ray_cluster, s3_bucket, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -201,23 +202,28 @@ def _torn_run(tmp_path: Path, damage, zero_stage: int = 2):
     return run_train(_job(output, tmp_path, "train.steps=30", *common)), newest
 
 
-def test_a_torn_newest_checkpoint_is_skipped_and_the_run_ends_as_if_uninterrupted(ray_cluster, tmp_path, reference_30_steps):
-    # under ZeRO-3: this also holds ZeRO-3 (and the EMA updated from gathered parameters) to the
-    # single process's run
-    def cut_a_deepspeed_shard(folder: Path) -> None:
-        shard = next(p for p in folder.rglob("zero_pp_rank_1_*optim_states.pt"))
-        shard.write_bytes(shard.read_bytes()[:1000])
+def test_a_torn_newest_checkpoint_on_s3_is_skipped_and_the_run_ends_as_if_uninterrupted(ray_cluster, s3_bucket, tmp_path, reference_30_steps):
+    # an upload cut off midway: one rank's DeepSpeed shard holds its first 1000 bytes. Under
+    # ZeRO-3, so that this also holds ZeRO-3 (and the EMA updated from gathered parameters) to the
+    # single process's run; on S3, so that the resume reads its checkpoint from the object store.
+    output = f"{s3_bucket}/runs"
+    common = ("tracking.enabled=false", "distributed.zero_stage=3")
+    run_train(_job(output, tmp_path, "train.steps=20", *common))
+    newest = f"{output}/digits/checkpoint_00000020"
+    (shard,) = [name for name in storage.file_sizes(newest) if name.endswith("optim_states.pt") and "zero_pp_rank_1_" in name]
+    storage.write_bytes(f"{newest}/{shard}", storage.read_bytes(f"{newest}/{shard}")[:1000])
 
-    resumed, newest = _torn_run(tmp_path, cut_a_deepspeed_shard, zero_stage=3)
+    resumed = run_train(_job(output, tmp_path, "train.steps=30", *common))
     assert (resumed.resumed_from, resumed.steps) == (10, 30)
-    assert [json.loads(line)["step"] for line in Path(resumed.run_dir, "metrics.jsonl").read_text().splitlines()] == [10, 20, 30]
+    logged = storage.read_bytes(f"{resumed.run_dir}/metrics.jsonl").decode().splitlines()
+    assert [json.loads(line)["step"] for line in logged] == [10, 20, 30]
     _assert_same_run(resumed, reference_30_steps)
 
     # a ZeRO checkpoint at another worker count is refused before any worker starts, untouched
-    before = _shard_names(newest.parent)
+    before = storage.file_sizes(f"{output}/digits")
     with pytest.raises(CheckpointError, match="written by 2 workers at ZeRO stage 3 .* distributed.num_workers=2"):
-        run_train(_job(str(tmp_path / "out"), tmp_path, "train.steps=40", "tracking.enabled=false", "distributed.zero_stage=3", "distributed.num_workers=1"))
-    assert _shard_names(newest.parent) == before
+        run_train(_job(output, tmp_path, "train.steps=40", *common, "distributed.num_workers=1"))
+    assert storage.file_sizes(f"{output}/digits") == before
 
 
 @pytest.mark.slow

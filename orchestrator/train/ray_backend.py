@@ -340,9 +340,13 @@ def run_train_ray(config: JobConfig, callbacks: tuple[Any, ...] = ()) -> TrainSu
     if use_gpu:
         resources["GPU"] = distributed.gpus_per_worker
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    # the driver's SIGTERM / Ctrl-C reaches the workers through this actor (orchestrator.stopping)
-    request, flag = StopRequest(), ray.remote(num_cpus=0)(StopFlag).remote()
+    # the driver's SIGTERM / Ctrl-C reaches the workers through this actor (orchestrator.stopping),
+    # on the driver's node, which lives as long as the driver does (a worker node may be preempted)
+    on_this_node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    request = StopRequest()
+    flag = ray.remote(num_cpus=0, scheduling_strategy=on_this_node)(StopFlag).remote()
     request.on_request(lambda signal_name: flag.request.remote(signal_name))
     trainer = TorchTrainer(
         train_worker,
