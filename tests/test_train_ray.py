@@ -287,3 +287,18 @@ def test_sigterm_to_the_driver_writes_a_checkpoint_at_that_step_and_the_rerun_en
     assert [r["loss"] for r in whole] == pytest.approx([_losses(reference_30_steps.run_dir)[i] for i in (0, 2)], rel=1e-5)
     for name, value in _ema_weights(reference_30_steps.run_dir).items():
         torch.testing.assert_close(_ema_weights(resumed.run_dir)[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("first", "then"), [((2, 2), (1, 1)), ((1, 1), (2, 2))])
+def test_under_zero_1_or_2_a_run_resumes_at_another_worker_count_and_stage_through_a_universal_checkpoint(
+    ray_cluster, tmp_path, reference_30_steps, first, then
+):
+    # (workers, stage): 2 x ZeRO-2 -> 1 x ZeRO-1 (2 accumulation steps keep the 2 chunks), and back
+    (workers, stage), (new_workers, new_stage) = first, then
+    output = str(tmp_path / "out")
+    common = ("tracking.enabled=false", "train.gradient_accumulation_steps=" + str(2 // workers))
+    run_train(_job(output, tmp_path, "train.steps=20", *common, f"distributed.num_workers={workers}", f"distributed.zero_stage={stage}"))
+    resumed = run_train(_job(output, tmp_path, "train.steps=30", *common, f"distributed.num_workers={new_workers}", f"distributed.zero_stage={new_stage}"))
+    assert (resumed.resumed_from, resumed.steps) == (20, 30)
+    _assert_same_run(resumed, reference_30_steps)

@@ -214,20 +214,42 @@ def resumable_checkpoint(
     )
 
 
+# ZeRO stages between which a checkpoint resumes at any worker count through DeepSpeed's universal
+# checkpoint (`deepspeed.checkpoint.ds_to_universal`, then `"checkpoint": {"load_universal": true}`).
+# Measured with DeepSpeed 0.19.8: a ZeRO-2 checkpoint of 2 workers loads into 1 worker at ZeRO-1
+# and ZeRO-2 with the weights exact and the Adam moments kept; loading it at ZeRO-3 or without
+# ZeRO fails inside DeepSpeed.
+UNIVERSAL_STAGES = (1, 2)
+
+
+def needs_conversion(manifest: dict[str, Any] | None, world_size: int, zero_stage: int) -> bool:
+    """True when the checkpoint resumes at this worker count and stage only once converted to
+    DeepSpeed's universal format (ZeRO 1/2 to ZeRO 1/2 at another worker count or stage)."""
+    if manifest is None or manifest.get("zero_stage") is None:
+        return False
+    saved_workers, saved_stage = manifest["world_size"], manifest["zero_stage"]
+    if saved_stage == zero_stage and (saved_workers == world_size or zero_stage == 0):
+        return False  # DeepSpeed loads it as it is
+    return saved_stage in UNIVERSAL_STAGES and zero_stage in UNIVERSAL_STAGES
+
+
 def layout_problem(manifest: dict[str, Any] | None, world_size: int, zero_stage: int) -> str | None:
     """Why DeepSpeed cannot load a checkpoint written at another worker count or ZeRO stage, or
     None. Without ZeRO the optimiser state is saved whole and loads at any worker count; a ZeRO
-    checkpoint holds one optimiser partition per rank, which DeepSpeed 0.19's `load_checkpoint`
-    reads only at the same world size and stage."""
+    checkpoint holds one optimiser partition per rank, which `load_checkpoint` reads only at the
+    same world size and stage, unless it is converted first (`needs_conversion`)."""
     if manifest is None or manifest.get("zero_stage") is None:
         return None
     saved_workers, saved_stage = manifest["world_size"], manifest["zero_stage"]
     if saved_stage == zero_stage and (saved_workers == world_size or zero_stage == 0):
         return None
+    if needs_conversion(manifest, world_size, zero_stage):
+        return None
     return (
         f"it was written by {saved_workers} workers at ZeRO stage {saved_stage} and this job asks for {world_size} at "
-        f"stage {zero_stage}; resuming at another worker count is supported without ZeRO (stage 0 to stage 0) only. "
-        f"Nothing was changed: resume with distributed.num_workers={saved_workers} distributed.zero_stage={saved_stage}, "
+        f"stage {zero_stage}; resuming at another worker count or stage is supported from ZeRO stage 1 or 2 to stage 1 "
+        f"or 2, and without ZeRO (stage 0 to stage 0). Nothing was changed: resume with "
+        f"distributed.num_workers={saved_workers} distributed.zero_stage={saved_stage}, "
         "or pick another name= or output_dir= for a new run"
     )
 

@@ -36,6 +36,7 @@ from orchestrator.errors import CheckpointError, JobError
 from orchestrator.train.checkpoints import (
     checkpoint_folder_name,
     layout_problem,
+    needs_conversion,
     read_state,
     resumable_checkpoint,
     write_manifest,
@@ -64,8 +65,9 @@ _WORKER_ENVIRONMENT = {
 # --------------------------------------------------------------------------- worker side
 
 
-def deepspeed_config(config: JobConfig, world_size: int, accumulation_steps: int, bf16: bool) -> dict[str, Any]:
-    """The DeepSpeed config of a job: the global batch is `train.batch_size` whatever the worker count."""
+def deepspeed_config(config: JobConfig, world_size: int, accumulation_steps: int, bf16: bool, load_universal: bool = False) -> dict[str, Any]:
+    """The DeepSpeed config of a job: the global batch is `train.batch_size` whatever the worker
+    count. `load_universal`: the engine will load a universal checkpoint (RayCheckpointer.restore)."""
     train = config.train
     micro_batch = train.batch_size // (world_size * accumulation_steps)
     settings: dict[str, Any] = {
@@ -82,13 +84,15 @@ def deepspeed_config(config: JobConfig, world_size: int, accumulation_steps: int
     if bf16:
         # parameters and optimiser state stay float32 (so the EMA is exact); matmuls run in bf16
         settings["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    if load_universal:
+        settings["checkpoint"] = {"load_universal": True}
     return settings
 
 
 class DeepSpeedOptimization:
     """The DeepSpeed engine behind the loop's `Optimization` interface."""
 
-    def __init__(self, run: TrainingRun):
+    def __init__(self, run: TrainingRun, load_universal: bool = False):
         import deepspeed
 
         self._deepspeed = deepspeed
@@ -98,7 +102,7 @@ class DeepSpeedOptimization:
             model=run.trained,  # the network and the objective's extra modules, sharded alike
             optimizer=optimizer,
             lr_scheduler=scheduler,
-            config=deepspeed_config(run.config, run.world_size, run.accumulation_steps, run.autocast_dtype is not None),
+            config=deepspeed_config(run.config, run.world_size, run.accumulation_steps, run.autocast_dtype is not None, load_universal),
         )
         self.network = self.engine
         self.zero_stage = run.config.distributed.zero_stage
@@ -143,6 +147,7 @@ class RayCheckpointer:
         self._copies = contextlib.ExitStack()
         self._chosen: int | None = None
         self._local: str | None = None
+        self.universal = False  # the chosen checkpoint is loaded through DeepSpeed's universal format
 
     def choose(self, run: TrainingRun) -> None:
         """Before the engine is built (a collective): rank 0 picks the checkpoint to resume from
@@ -160,10 +165,10 @@ class RayCheckpointer:
             raise choice[0]
         if choice[0] is None:
             return
-        self._chosen, saved_chunks = choice[0]
+        self._chosen, saved_chunks, self.universal = choice[0]
         run.accumulation_steps = accumulation_for(saved_chunks, run.world_size, self.config, log=run.rank == 0)
 
-    def _choose(self, run: TrainingRun) -> tuple[int, int | None] | None:
+    def _choose(self, run: TrainingRun) -> tuple[int, int | None, bool] | None:
         found = resumable_checkpoint(
             self.config.run_dir, self.config, UCGM_STATE_FILE, check_content=True,
             open_folder=lambda folder: self._copies.enter_context(storage.downloaded_folder(folder)),
@@ -175,7 +180,14 @@ class RayCheckpointer:
         if problem:
             raise CheckpointError(f"cannot resume from checkpoint {checkpoint.folder}: {problem}")
         self._local = checkpoint.local
-        return checkpoint.step, (checkpoint.manifest or {}).get("num_chunks")
+        universal = needs_conversion(checkpoint.manifest, run.world_size, self.config.distributed.zero_stage)
+        if universal:
+            manifest = checkpoint.manifest
+            logger.info(
+                "resuming a checkpoint of %d workers at ZeRO stage %d on %d at stage %d: converting it to DeepSpeed's universal "
+                "checkpoint first", manifest["world_size"], manifest["zero_stage"], run.world_size, self.config.distributed.zero_stage,
+            )
+        return checkpoint.step, (checkpoint.manifest or {}).get("num_chunks"), universal
 
     def restore(self, run: TrainingRun, optimization: DeepSpeedOptimization) -> dict[str, Any] | None:
         if self._chosen is None:
@@ -184,6 +196,8 @@ class RayCheckpointer:
         with self._copies:  # rank 0's copy, made (and checked) while choosing, is removed after loading
             local = self._local or self._copies.enter_context(storage.downloaded_folder(folder))
             state = read_state(local, self.config, UCGM_STATE_FILE)
+            if self.universal:  # every rank converts its own copy: ranks on other nodes share no disk
+                local = self._copies.enter_context(universal_copy(local))
             _, client_state = optimization.engine.load_checkpoint(local, tag=DEEPSPEED_TAG)
         run.load_averages_state(state)
         run.step = int(client_state["step"])
@@ -214,6 +228,31 @@ class RayCheckpointer:
         import ray.train
 
         ray.train.report(dict(metrics))
+
+
+@contextlib.contextmanager
+def universal_copy(folder: str) -> Any:
+    """A temporary folder holding `folder`'s DeepSpeed checkpoint converted to DeepSpeed's
+    universal format (one file per parameter and optimiser moment, no partitions), which an
+    engine with `"checkpoint": {"load_universal": true}` loads at any worker count."""
+    import argparse
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    with tempfile.TemporaryDirectory(prefix="ucgm-universal-") as converted:
+        ds_to_universal.main(
+            argparse.Namespace(
+                input_folder=os.path.join(folder, DEEPSPEED_TAG),
+                output_folder=os.path.join(converted, DEEPSPEED_TAG),
+                num_extract_workers=1,
+                num_merge_workers=1,
+                keep_temp_folder=False,
+                strict=True,
+                # the state Megatron-style clients save for the converter; ours holds no tensor parallelism
+                inject_missing_state=True,
+            )
+        )
+        yield converted
 
 
 def accumulation_for(saved_chunks: int | None, world_size: int, config: JobConfig, *, log: bool) -> int:
@@ -262,7 +301,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         checkpointer = RayCheckpointer(config)
         checkpointer.choose(run)  # before the engine: a resumed run may train with another accumulation
         stop = RayWorkerStop(loop_config["stop_flag"], run.rank, run.world_size, run.device, config.train.steps)
-        train_loop(run, DeepSpeedOptimization(run), checkpointer, tracker_factory(config), stop)
+        train_loop(run, DeepSpeedOptimization(run, load_universal=checkpointer.universal), checkpointer, tracker_factory(config), stop)
 
 
 # --------------------------------------------------------------------------- driver side
