@@ -132,6 +132,10 @@ class StopCheck(Protocol):
         being drained, so that a checkpoint is written now."""
         ...
 
+    def stopped(self, step: int) -> None:
+        """Called by every rank when training returns on a stop, its checkpoint at `step` written."""
+        ...
+
 
 class NoStop:
     """Never stops: a run in a thread (a Tune trial), or a caller that handles signals itself."""
@@ -141,6 +145,9 @@ class NoStop:
 
     def preempted(self) -> bool:
         return False
+
+    def stopped(self, step: int) -> None:
+        pass
 
 
 class LocalStop:
@@ -154,6 +161,9 @@ class LocalStop:
 
     def preempted(self) -> bool:
         return False
+
+    def stopped(self, step: int) -> None:
+        pass  # the driver is this process: run_train_local reads the step from the run
 
 
 class StopFlag:
@@ -182,9 +192,8 @@ class RayWorkerStop:
     request in flight at a time) and keeps the clock for the preemption question; one all-reduce
     per step gives every rank the same answers."""
 
-    def __init__(self, flag: Any, rank: int, world_size: int, device: Any, last_step: int):
+    def __init__(self, flag: Any, rank: int, world_size: int, device: Any):
         self.flag, self.rank, self.world_size, self.device = flag, rank, world_size, device
-        self.last_step = last_step  # a stop asked for on the last step changes nothing: the run ends there
         self._pending = None
         self._preemption_poll_seconds = float(os.environ.get(_PREEMPTION_POLL_VARIABLE, _DEFAULT_PREEMPTION_POLL_SECONDS))
         self._asked_preemption_at = time.monotonic()
@@ -225,11 +234,13 @@ class RayWorkerStop:
             torch.distributed.all_reduce(decision, op=torch.distributed.ReduceOp.MAX)
             stop, ask = decision.tolist()
         self._ask_preemption = bool(ask)
-        if stop and self.rank == 0 and step < self.last_step and self.flag is not None:
+        return bool(stop)
+
+    def stopped(self, step: int) -> None:
+        if self.rank == 0 and self.flag is not None:
             import ray
 
             ray.get(self.flag.stopped_at.remote(step))  # waited for: the driver reads it once training returns
-        return bool(stop)
 
     def preempted(self) -> bool:
         if not self._ask_preemption or self._saved_for_preemption:

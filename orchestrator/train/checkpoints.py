@@ -222,29 +222,31 @@ def resumable_checkpoint(
 UNIVERSAL_STAGES = (1, 2)
 
 
+def _loads_as_saved(manifest: dict[str, Any] | None, world_size: int, zero_stage: int) -> bool:
+    """True when DeepSpeed's `load_checkpoint` reads the checkpoint as it is: no layout recorded
+    (legacy), the same worker count and stage, or no ZeRO at either end (the optimiser state is
+    saved whole)."""
+    if manifest is None or manifest.get("zero_stage") is None:
+        return True
+    saved_workers, saved_stage = manifest["world_size"], manifest["zero_stage"]
+    return saved_stage == zero_stage and (saved_workers == world_size or zero_stage == 0)
+
+
 def needs_conversion(manifest: dict[str, Any] | None, world_size: int, zero_stage: int) -> bool:
     """True when the checkpoint resumes at this worker count and stage only once converted to
     DeepSpeed's universal format (ZeRO 1/2 to ZeRO 1/2 at another worker count or stage)."""
-    if manifest is None or manifest.get("zero_stage") is None:
+    if _loads_as_saved(manifest, world_size, zero_stage):
         return False
-    saved_workers, saved_stage = manifest["world_size"], manifest["zero_stage"]
-    if saved_stage == zero_stage and (saved_workers == world_size or zero_stage == 0):
-        return False  # DeepSpeed loads it as it is
-    return saved_stage in UNIVERSAL_STAGES and zero_stage in UNIVERSAL_STAGES
+    return manifest["zero_stage"] in UNIVERSAL_STAGES and zero_stage in UNIVERSAL_STAGES
 
 
 def layout_problem(manifest: dict[str, Any] | None, world_size: int, zero_stage: int) -> str | None:
     """Why DeepSpeed cannot load a checkpoint written at another worker count or ZeRO stage, or
-    None. Without ZeRO the optimiser state is saved whole and loads at any worker count; a ZeRO
-    checkpoint holds one optimiser partition per rank, which `load_checkpoint` reads only at the
-    same world size and stage, unless it is converted first (`needs_conversion`)."""
-    if manifest is None or manifest.get("zero_stage") is None:
+    None. A ZeRO checkpoint holds one optimiser partition per rank, which `load_checkpoint` reads
+    only at the same world size and stage, unless it is converted first (`needs_conversion`)."""
+    if _loads_as_saved(manifest, world_size, zero_stage) or needs_conversion(manifest, world_size, zero_stage):
         return None
     saved_workers, saved_stage = manifest["world_size"], manifest["zero_stage"]
-    if saved_stage == zero_stage and (saved_workers == world_size or zero_stage == 0):
-        return None
-    if needs_conversion(manifest, world_size, zero_stage):
-        return None
     return (
         f"it was written by {saved_workers} workers at ZeRO stage {saved_stage} and this job asks for {world_size} at "
         f"stage {zero_stage}; resuming at another worker count or stage is supported from ZeRO stage 1 or 2 to stage 1 "

@@ -361,6 +361,7 @@ def train_loop(
             if stopping:
                 if is_main:
                     logger.warning("stopped at step %d/%d with a checkpoint; run the same job again to resume", run.step, train.steps)
+                stop.stopped(run.step)
                 tracker.finish("KILLED")
                 return None
     except BaseException:

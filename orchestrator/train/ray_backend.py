@@ -300,7 +300,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         )
         checkpointer = RayCheckpointer(config)
         checkpointer.choose(run)  # before the engine: a resumed run may train with another accumulation
-        stop = RayWorkerStop(loop_config["stop_flag"], run.rank, run.world_size, run.device, config.train.steps)
+        stop = RayWorkerStop(loop_config["stop_flag"], run.rank, run.world_size, run.device)
         train_loop(run, DeepSpeedOptimization(run, load_universal=checkpointer.universal), checkpointer, tracker_factory(config), stop)
 
 
