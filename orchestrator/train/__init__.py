@@ -8,7 +8,8 @@ function of the step (`batches.py`).
     local_backend.py  one process, plain torch: the reference the Ray backend is checked against
     optimizer.py      the torch optimiser and learning-rate warm-up both backends use
     batches.py        which examples and which random draws a step uses
-    checkpoints.py    run-folder checkpoints of the local backend; what a resume must match
+    checkpoints.py    committed checkpoints (manifests) and which one a run resumes from
+    checkpoint_conversion.py  a DeepSpeed checkpoint converted for another worker count or ZeRO stage
     pretrained.py     model files a run starts from: train.initialize_from and train.teacher
     worker_errors.py  a job's error found by a Ray Train worker ends the run, without retries
 """

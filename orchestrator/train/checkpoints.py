@@ -214,46 +214,24 @@ def resumable_checkpoint(
     )
 
 
-# ZeRO stages between which a checkpoint resumes at any worker count through DeepSpeed's universal
-# checkpoint (`deepspeed.checkpoint.ds_to_universal`, then `"checkpoint": {"load_universal": true}`).
-# Measured with DeepSpeed 0.19.8: a ZeRO-2 checkpoint of 2 workers loads into 1 worker at ZeRO-1
-# and ZeRO-2 with the weights exact and the Adam moments kept; loading it at ZeRO-3 or without
-# ZeRO fails inside DeepSpeed.
-UNIVERSAL_STAGES = (1, 2)
-
-
-def _loads_as_saved(manifest: dict[str, Any] | None, world_size: int, zero_stage: int) -> bool:
-    """True when DeepSpeed's `load_checkpoint` reads the checkpoint as it is: no layout recorded
-    (legacy), the same worker count and stage, or no ZeRO at either end (the optimiser state is
-    saved whole)."""
-    if manifest is None or manifest.get("zero_stage") is None:
-        return True
-    saved_workers, saved_stage = manifest["world_size"], manifest["zero_stage"]
-    return saved_stage == zero_stage and (saved_workers == world_size or zero_stage == 0)
-
-
 def needs_conversion(manifest: dict[str, Any] | None, world_size: int, zero_stage: int) -> bool:
-    """True when the checkpoint resumes at this worker count and stage only once converted to
-    DeepSpeed's universal format (ZeRO 1/2 to ZeRO 1/2 at another worker count or stage)."""
-    if _loads_as_saved(manifest, world_size, zero_stage):
+    """True when DeepSpeed's `load_checkpoint` cannot read the checkpoint as it is, so that it
+    is converted first (orchestrator.train.checkpoint_conversion): it was written at another ZeRO
+    stage, or under ZeRO at another worker count (a ZeRO checkpoint holds one optimiser partition
+    per rank). Without ZeRO at both ends the optimiser state is saved whole and loads at any
+    worker count; a checkpoint from before manifests records no layout and loads as saved."""
+    if manifest is None or manifest.get("zero_stage") is None:
         return False
-    return manifest["zero_stage"] in UNIVERSAL_STAGES and zero_stage in UNIVERSAL_STAGES
-
-
-def layout_problem(manifest: dict[str, Any] | None, world_size: int, zero_stage: int) -> str | None:
-    """Why DeepSpeed cannot load a checkpoint written at another worker count or ZeRO stage, or
-    None. A ZeRO checkpoint holds one optimiser partition per rank, which `load_checkpoint` reads
-    only at the same world size and stage, unless it is converted first (`needs_conversion`)."""
-    if _loads_as_saved(manifest, world_size, zero_stage) or needs_conversion(manifest, world_size, zero_stage):
-        return None
     saved_workers, saved_stage = manifest["world_size"], manifest["zero_stage"]
-    return (
-        f"it was written by {saved_workers} workers at ZeRO stage {saved_stage} and this job asks for {world_size} at "
-        f"stage {zero_stage}; resuming at another worker count or stage is supported from ZeRO stage 1 or 2 to stage 1 "
-        f"or 2, and without ZeRO (stage 0 to stage 0). Nothing was changed: resume with "
-        f"distributed.num_workers={saved_workers} distributed.zero_stage={saved_stage}, "
-        "or pick another name= or output_dir= for a new run"
-    )
+    return saved_stage != zero_stage or (saved_workers != world_size and zero_stage > 0)
+
+
+def prune(parent: str, keep: int) -> None:
+    """Remove the committed checkpoints under `parent` older than its newest `keep` ones. A torn
+    folder is never removed here (see the module docstring): it is left for a person to look at."""
+    folders = checkpoint_folders(parent)
+    for old in sorted(c.step for c in committed_checkpoints(parent, check_content=False))[:-keep]:
+        storage.remove(folders[old])
 
 
 def compatibility_problem(saved_config: dict[str, Any], config: JobConfig) -> str | None:
@@ -294,8 +272,6 @@ def save_checkpoint(run_dir: str, step: int, state: dict[str, Any], keep: int, n
         for name in (STATE_FILE, manifest_name(0)):
             with open(os.path.join(staging, name), "rb") as handle:
                 storage.write_bytes(storage.join(folder, name), handle.read())
-    folders = checkpoint_folders(checkpoint_root(run_dir))
-    for old in saved_steps(run_dir)[:-keep]:
-        storage.remove(folders[old])
+    prune(checkpoint_root(run_dir), keep)
     logger.info("checkpoint step %d -> %s", step, folder)
     return folder

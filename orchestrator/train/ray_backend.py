@@ -32,11 +32,12 @@ import torch
 
 from orchestrator import cluster, storage
 from orchestrator.train import worker_errors
-from orchestrator.errors import CheckpointError, JobError
+from orchestrator.train.checkpoint_conversion import converted_checkpoint, loads_universal
+from orchestrator.errors import JobError
 from orchestrator.train.checkpoints import (
     checkpoint_folder_name,
-    layout_problem,
     needs_conversion,
+    prune,
     read_state,
     resumable_checkpoint,
     write_manifest,
@@ -147,12 +148,15 @@ class RayCheckpointer:
         self._copies = contextlib.ExitStack()
         self._chosen: int | None = None
         self._local: str | None = None
-        self.universal = False  # the chosen checkpoint is loaded through DeepSpeed's universal format
+        # the ZeRO stage of the chosen checkpoint when it is converted before loading (it was written
+        # at another stage, or under ZeRO at another worker count), else None
+        self.convert_from: int | None = None
+        self._parameters: dict[str, tuple[int, ...]] = {}
 
     def choose(self, run: TrainingRun) -> None:
         """Before the engine is built (a collective): rank 0 picks the checkpoint to resume from
-        and every rank learns its step, and the micro-batch count to train with (see
-        `accumulation_for`)."""
+        and every rank learns its step, whether it is converted first, and the micro-batch count
+        to train with (see `accumulation_for`)."""
         choice: list[Any] = [None]
         if run.rank == 0:
             try:
@@ -165,10 +169,12 @@ class RayCheckpointer:
             raise choice[0]
         if choice[0] is None:
             return
-        self._chosen, saved_chunks, self.universal = choice[0]
+        self._chosen, saved_chunks, self.convert_from = choice[0]
+        if self.convert_from is not None:  # names and whole shapes, read before a ZeRO-3 engine partitions them
+            self._parameters = {name: tuple(p.shape) for name, p in run.trained.named_parameters()}
         run.accumulation_steps = accumulation_for(saved_chunks, run.world_size, self.config, log=run.rank == 0)
 
-    def _choose(self, run: TrainingRun) -> tuple[int, int | None, bool] | None:
+    def _choose(self, run: TrainingRun) -> tuple[int, int | None, int | None] | None:
         found = resumable_checkpoint(
             self.config.run_dir, self.config, UCGM_STATE_FILE, check_content=True,
             open_folder=lambda folder: self._copies.enter_context(storage.downloaded_folder(folder)),
@@ -176,18 +182,16 @@ class RayCheckpointer:
         if found is None:
             return None
         checkpoint, _ = found
-        problem = layout_problem(checkpoint.manifest, run.world_size, self.config.distributed.zero_stage)
-        if problem:
-            raise CheckpointError(f"cannot resume from checkpoint {checkpoint.folder}: {problem}")
         self._local = checkpoint.local
-        universal = needs_conversion(checkpoint.manifest, run.world_size, self.config.distributed.zero_stage)
-        if universal:
+        convert = needs_conversion(checkpoint.manifest, run.world_size, self.config.distributed.zero_stage)
+        if convert:
             manifest = checkpoint.manifest
             logger.info(
-                "resuming a checkpoint of %d workers at ZeRO stage %d on %d at stage %d: converting it to DeepSpeed's universal "
-                "checkpoint first", manifest["world_size"], manifest["zero_stage"], run.world_size, self.config.distributed.zero_stage,
+                "resuming a checkpoint of %d workers at ZeRO stage %d on %d workers at stage %d: converting it through "
+                "DeepSpeed's universal checkpoint first", manifest["world_size"], manifest["zero_stage"], run.world_size,
+                self.config.distributed.zero_stage,
             )
-        return checkpoint.step, (checkpoint.manifest or {}).get("num_chunks"), universal
+        return checkpoint.step, (checkpoint.manifest or {}).get("num_chunks"), checkpoint.manifest["zero_stage"] if convert else None
 
     def restore(self, run: TrainingRun, optimization: DeepSpeedOptimization) -> dict[str, Any] | None:
         if self._chosen is None:
@@ -196,8 +200,13 @@ class RayCheckpointer:
         with self._copies:  # rank 0's copy, made (and checked) while choosing, is removed after loading
             local = self._local or self._copies.enter_context(storage.downloaded_folder(folder))
             state = read_state(local, self.config, UCGM_STATE_FILE)
-            if self.universal:  # every rank converts its own copy: ranks on other nodes share no disk
-                local = self._copies.enter_context(universal_copy(local))
+            if self.convert_from is not None:  # every rank converts its own copy: ranks on other nodes share no disk
+                local = self._copies.enter_context(
+                    converted_checkpoint(
+                        local, DEEPSPEED_TAG, saved_stage=self.convert_from, zero_stage=self.config.distributed.zero_stage,
+                        parameters=self._parameters,
+                    )
+                )
             _, client_state = optimization.engine.load_checkpoint(local, tag=DEEPSPEED_TAG)
         run.load_averages_state(state)
         run.step = int(client_state["step"])
@@ -228,31 +237,6 @@ class RayCheckpointer:
         import ray.train
 
         ray.train.report(dict(metrics))
-
-
-@contextlib.contextmanager
-def universal_copy(folder: str) -> Any:
-    """A temporary folder holding `folder`'s DeepSpeed checkpoint converted to DeepSpeed's
-    universal format (one file per parameter and optimiser moment, no partitions), which an
-    engine with `"checkpoint": {"load_universal": true}` loads at any worker count."""
-    import argparse
-
-    from deepspeed.checkpoint import ds_to_universal
-
-    with tempfile.TemporaryDirectory(prefix="ucgm-universal-") as converted:
-        ds_to_universal.main(
-            argparse.Namespace(
-                input_folder=os.path.join(folder, DEEPSPEED_TAG),
-                output_folder=os.path.join(converted, DEEPSPEED_TAG),
-                num_extract_workers=1,
-                num_merge_workers=1,
-                keep_temp_folder=False,
-                strict=True,
-                # the state Megatron-style clients save for the converter; ours holds no tensor parallelism
-                inject_missing_state=True,
-            )
-        )
-        yield converted
 
 
 def accumulation_for(saved_chunks: int | None, world_size: int, config: JobConfig, *, log: bool) -> int:
@@ -301,7 +285,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         checkpointer = RayCheckpointer(config)
         checkpointer.choose(run)  # before the engine: a resumed run may train with another accumulation
         stop = RayWorkerStop(loop_config["stop_flag"], run.rank, run.world_size, run.device)
-        train_loop(run, DeepSpeedOptimization(run, load_universal=checkpointer.universal), checkpointer, tracker_factory(config), stop)
+        load_universal = checkpointer.convert_from is not None and loads_universal(config.distributed.zero_stage)
+        train_loop(run, DeepSpeedOptimization(run, load_universal), checkpointer, tracker_factory(config), stop)
 
 
 # --------------------------------------------------------------------------- driver side
@@ -310,15 +295,11 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 def check_resumable(config: JobConfig) -> None:
     """Refuse, before any worker starts, a run folder that holds checkpoints of which none can
     be resumed by this job (orchestrator.train.checkpoints: none committed and readable, or the
-    good one written for another model/data/transport or a ZeRO layout DeepSpeed cannot load at
-    this worker count); nothing is changed. Torn newer checkpoints are named in warnings."""
+    good one written for another model/data/transport); nothing is changed. Torn newer checkpoints are named in warnings."""
     found = resumable_checkpoint(config.run_dir, config, UCGM_STATE_FILE, check_content=False)
     if found is None:
         return
     checkpoint, _ = found
-    problem = layout_problem(checkpoint.manifest, config.distributed.num_workers, config.distributed.zero_stage)
-    if problem:
-        raise CheckpointError(f"cannot resume from checkpoint {checkpoint.folder}: {problem}")
     logger.info("resuming from %s", checkpoint.folder)
 
 
@@ -402,17 +383,33 @@ def run_train_ray(config: JobConfig, callbacks: tuple[Any, ...] = ()) -> TrainSu
         ),
     )
     worker_errors.clear_recorded(config.run_dir)
+    forget_ray_checkpoint_registry(config.run_dir)
     try:
         with signals_stop(request):
             _fit(trainer)
     except TrainingFailedError:
         worker_errors.raise_recorded(config.run_dir)  # one rank's JobError, and the others' collateral failures
         raise
+    finally:  # Ray's retention covers this fit's checkpoints; the older ones are pruned here
+        prune(config.run_dir, config.train.keep_checkpoints)
     worker_errors.raise_recorded(config.run_dir)
     stopped_at = ray.get(flag.stopped_step.remote())
     if stopped_at is not None:
         raise Stopped(request.signal_name or "a stop request", stopped_at, request.exit_code)
     return TrainSummary.from_json(storage.read_bytes(storage.join(config.run_dir, "summary.json")).decode())
+
+
+def forget_ray_checkpoint_registry(run_dir: str) -> None:
+    """Remove Ray Train's `checkpoint_manager_snapshot.json` before a fit, so that Ray's registry
+    holds only the checkpoints this fit reports. Resuming never reads it (the manifests are the one
+    source of truth, orchestrator.train.checkpoints), and after a torn checkpoint it is wrong: the
+    resumed run writes the torn step's folder again, Ray's retention then deletes that folder as
+    the old entry of the same name, and the next fit refuses to start on a snapshot naming a
+    checkpoint that is gone (CheckpointManagerInitializationError, found in the S3 torn test).
+    Retention across fits is `prune`'s, after each fit."""
+    snapshot = storage.join(run_dir, "checkpoint_manager_snapshot.json")
+    if storage.exists(snapshot):
+        storage.remove(snapshot)
 
 
 def _fit(trainer: Any) -> None:
