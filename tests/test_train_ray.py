@@ -4,6 +4,7 @@ checkpoints on local disk and on a real S3-compatible server, worker restarts an
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import io
@@ -311,3 +312,60 @@ def test_a_run_resumes_at_another_worker_count_and_zero_stage_and_ends_as_if_uni
     resumed = run_train(_job(output, tmp_path, "train.steps=30", *common, f"distributed.num_workers={new_workers}", f"distributed.zero_stage={new_stage}"))
     assert (resumed.resumed_from, resumed.steps) == (20, 30)
     _assert_same_run(resumed, reference_30_steps)
+
+
+def test_a_resume_keeps_the_checkpoints_micro_batches_where_the_new_worker_count_divides_them(tmp_path, caplog):
+    from orchestrator.train.ray_backend import accumulation_for
+
+    config = _job(str(tmp_path), tmp_path, "train.batch_size=96")
+    with caplog.at_level("INFO", logger="orchestrator.train.ray_backend"):
+        # (micro-batches per step in the checkpoint, new worker count) -> accumulation steps
+        assert accumulation_for(2, 1, config, log=True) == 2  # 2 x 1 -> 1 x 2: continues exactly
+        assert accumulation_for(4, 2, config, log=True) == 2
+        assert "continues exactly" in caplog.text and "no longer" not in caplog.text
+        assert accumulation_for(2, 2, config, log=True) == 1  # the job's own setting
+        assert accumulation_for(None, 3, config, log=True) == 1  # a checkpoint from before manifests
+        assert accumulation_for(2, 3, config, log=True) == 1  # 2 -> 3 workers: same global batch, 3 chunks
+        assert "is no longer bitwise reproducible" in caplog.text
+
+
+@pytest.mark.slow
+def test_a_run_resumed_on_3_workers_from_2_continues_at_the_same_global_batch_with_a_warning(ray_cluster, tmp_path, caplog):
+    output = str(tmp_path / "out")
+    common = ("tracking.enabled=false", "distributed.zero_stage=2", "train.batch_size=96", "distributed.cpus_per_worker=0.5")
+    run_train(_job(output, tmp_path, "train.steps=20", *common))
+    with caplog.at_level("INFO", logger="orchestrator.train.ray_backend"):
+        resumed = run_train(_job(output, tmp_path, "train.steps=30", *common, "distributed.num_workers=3"))
+    assert (resumed.resumed_from, resumed.steps) == (20, 30)
+    assert "does not divide into 3 workers" in caplog.text and "is no longer bitwise reproducible" in caplog.text
+    assert "converts it through DeepSpeed's universal checkpoint" in caplog.text
+    assert all(math.isfinite(loss) for loss in _losses(resumed.run_dir))  # no NaN from a bad load
+
+
+@pytest.mark.slow
+def test_a_fault_soak_of_three_sigkilled_workers_ends_bitwise_as_if_uninterrupted(ray_cluster, tmp_path, monkeypatch, reference_30_steps):
+    # a seeded draw of 3 (step, rank) kills in one run: each worker SIGKILLs itself after its
+    # step (no exception, no cleanup: what the OOM killer or a lost node does), once
+    import random
+
+    draw = random.Random(13)
+    steps = sorted(draw.sample(range(11, 30), 3))
+    ranks = [draw.randrange(2) for _ in steps]
+    marker = tmp_path / "faults"
+    monkeypatch.setenv("UCGM_FAULT_AT_STEP", ",".join(map(str, steps)))
+    monkeypatch.setenv("UCGM_FAULT_RANKS", ",".join(map(str, ranks)))
+    monkeypatch.setenv("UCGM_FAULT_SIGNAL", "KILL")
+    monkeypatch.setenv("UCGM_FAULT_MARKER", str(marker))
+    common = ("train.steps=30", "tracking.enabled=false", "distributed.zero_stage=2")
+    soaked = run_train(_job(str(tmp_path / "soaked"), tmp_path, *common, "distributed.max_failures=3"))
+
+    assert sorted(int(line.split()[0]) for line in marker.read_text().splitlines()) == steps, "not every kill happened"
+    assert soaked.steps == 30
+    logged = [json.loads(line)["step"] for line in (Path(soaked.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [10, 20, 30]  # each interval exactly once
+    _assert_same_run(soaked, reference_30_steps)
+    monkeypatch.delenv("UCGM_FAULT_AT_STEP")
+    uninterrupted = run_train(_job(str(tmp_path / "uninterrupted"), tmp_path, *common))
+    assert _losses(soaked.run_dir) == _losses(uninterrupted.run_dir)
+    for name, value in _ema_weights(uninterrupted.run_dir).items():
+        assert torch.equal(_ema_weights(soaked.run_dir)[name], value), name

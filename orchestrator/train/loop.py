@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -408,15 +409,29 @@ def quick_score(run: TrainingRun, scorer: QualityScorer | None, tracker: Tracker
 
 
 def _inject_fault_for_tests(run: TrainingRun) -> None:
-    """Test hook: with UCGM_FAULT_AT_STEP=k and UCGM_FAULT_MARKER=<file>, the last rank raises
-    once after step k (the marker file remembers it already did), to exercise worker restarts."""
-    at_step, marker = os.environ.get("UCGM_FAULT_AT_STEP"), os.environ.get("UCGM_FAULT_MARKER")
-    if at_step is None or marker is None or run.step != int(at_step) or run.rank != run.world_size - 1:
+    """Test hook, for worker restarts: with UCGM_FAULT_AT_STEP=k[,k2,...] and
+    UCGM_FAULT_MARKER=<file>, after each listed step one rank fails, once (the marker file lists
+    the faults done, one "<step> rank <rank>" line each). The failing rank is the last one, or the
+    one UCGM_FAULT_RANKS=r[,r2,...] gives for that step; it raises, or with UCGM_FAULT_SIGNAL=KILL
+    SIGKILLs itself (no exception, no cleanup: what the OOM killer or a lost node does)."""
+    at_steps, marker = os.environ.get("UCGM_FAULT_AT_STEP"), os.environ.get("UCGM_FAULT_MARKER")
+    if at_steps is None or marker is None:
+        return
+    steps = [int(step) for step in at_steps.split(",")]
+    if run.step not in steps:
+        return
+    ranks = os.environ.get("UCGM_FAULT_RANKS")
+    rank = int(ranks.split(",")[steps.index(run.step)]) if ranks else run.world_size - 1
+    if run.rank != rank:
         return
     if os.path.exists(marker):
-        return
-    with open(marker, "w") as handle:
-        handle.write(f"failed at step {run.step}\n")
+        with open(marker) as handle:
+            if any(line.split()[:1] == [str(run.step)] for line in handle):
+                return
+    with open(marker, "a") as handle:
+        handle.write(f"{run.step} rank {run.rank}\n")
+    if os.environ.get("UCGM_FAULT_SIGNAL", "").upper() == "KILL":
+        os.kill(os.getpid(), signal.SIGKILL)
     raise RuntimeError(f"injected fault after step {run.step} (UCGM_FAULT_AT_STEP)")
 
 

@@ -172,7 +172,7 @@ class RayCheckpointer:
         self._chosen, saved_chunks, self.convert_from = choice[0]
         if self.convert_from is not None:  # names and whole shapes, read before a ZeRO-3 engine partitions them
             self._parameters = {name: tuple(p.shape) for name, p in run.trained.named_parameters()}
-        run.accumulation_steps = accumulation_for(saved_chunks, run.world_size, self.config, log=run.rank == 0)
+        run.accumulation_steps = accumulation_for(saved_chunks, run.world_size, self.config)  # the driver logged it
 
     def _choose(self, run: TrainingRun) -> tuple[int, int | None, int | None] | None:
         found = resumable_checkpoint(
@@ -184,13 +184,6 @@ class RayCheckpointer:
         checkpoint, _ = found
         self._local = checkpoint.local
         convert = needs_conversion(checkpoint.manifest, run.world_size, self.config.distributed.zero_stage)
-        if convert:
-            manifest = checkpoint.manifest
-            logger.info(
-                "resuming a checkpoint of %d workers at ZeRO stage %d on %d workers at stage %d: converting it through "
-                "DeepSpeed's universal checkpoint first", manifest["world_size"], manifest["zero_stage"], run.world_size,
-                self.config.distributed.zero_stage,
-            )
         return checkpoint.step, (checkpoint.manifest or {}).get("num_chunks"), checkpoint.manifest["zero_stage"] if convert else None
 
     def restore(self, run: TrainingRun, optimization: DeepSpeedOptimization) -> dict[str, Any] | None:
@@ -239,7 +232,7 @@ class RayCheckpointer:
         ray.train.report(dict(metrics))
 
 
-def accumulation_for(saved_chunks: int | None, world_size: int, config: JobConfig, *, log: bool) -> int:
+def accumulation_for(saved_chunks: int | None, world_size: int, config: JobConfig, *, log: bool = False) -> int:
     """Gradient accumulation steps for a run resumed at `world_size` workers from a checkpoint
     trained with `saved_chunks` micro-batches per step. A step's data and noise depend only on
     (seed, step, chunk), so keeping the chunk count (2 workers x 1 -> 1 worker x 2) continues the
@@ -301,6 +294,15 @@ def check_resumable(config: JobConfig) -> None:
         return
     checkpoint, _ = found
     logger.info("resuming from %s", checkpoint.folder)
+    # what the workers will do with it, said once, where the user reads the job's log
+    manifest, distributed = checkpoint.manifest, config.distributed
+    if needs_conversion(manifest, distributed.num_workers, distributed.zero_stage):
+        logger.info(
+            "the checkpoint was written by %d workers at ZeRO stage %d and this job asks for %d at stage %d: each worker "
+            "converts it through DeepSpeed's universal checkpoint first", manifest["world_size"], manifest["zero_stage"],
+            distributed.num_workers, distributed.zero_stage,
+        )
+    accumulation_for((manifest or {}).get("num_chunks"), distributed.num_workers, config, log=True)
 
 
 def connect_for_training(config: JobConfig) -> None:
