@@ -93,7 +93,10 @@ class TrainConfig(_Section):
 
 class DistributedConfig(_Section):
     backend: Literal["ray", "local"] = Field("ray", description="ray: Ray Train + DeepSpeed; local: one process, plain torch")
-    num_workers: int = Field(1, gt=0)
+    num_workers: int | tuple[int, int] = Field(
+        1,
+        description="training workers; [min, max]: elastic (Ray Train resizes the group between them from the last checkpoint)",
+    )
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0, description="0: CPU workers (gloo); >0: GPU workers (NCCL)")
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage; 0 = plain data parallel")
@@ -101,6 +104,27 @@ class DistributedConfig(_Section):
     ray_address: str | None = Field(
         None, description="None: the submitted job's cluster (RAY_ADDRESS), else a local one started in-process; 'auto', host:port or ray://host:port"
     )
+
+
+    @field_validator("num_workers")
+    @classmethod
+    def _worker_counts(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
+        low, high = (value, value) if isinstance(value, int) else value
+        if not 0 < low <= high:
+            raise ValueError(f"{value!r}: give a count of at least 1, or [min, max] with 1 <= min <= max")
+        return value
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers != self.max_workers
 
 
 class GenerationConfig(_Section):
@@ -222,14 +246,32 @@ class JobConfig(_Section):
             raise ValueError("train.teacher: only distillation objectives (objective.distillation: true) use a teacher; remove it")
         return self
 
+    @property
+    def num_chunks(self) -> int:
+        """Micro-batches per optimiser step, whatever the worker count: a step's data and noise are
+        a function of (seed, step, chunk), so an elastic run keeps this count at every size and
+        trains each step as the same run at its largest size would (orchestrator.train.batches)."""
+        workers = self.distributed.max_workers if self.distributed.backend == "ray" else 1
+        return self.train.gradient_accumulation_steps * workers
+
     @model_validator(mode="after")
     def _batch_splits_into_micro_batches(self) -> JobConfig:
-        chunks = self.train.gradient_accumulation_steps * (self.distributed.num_workers if self.distributed.backend == "ray" else 1)
+        chunks = self.num_chunks
         if self.train.batch_size % chunks:
             raise ValueError(
                 f"train.batch_size: {self.train.batch_size} does not split into {chunks} equal micro-batches "
                 "(distributed.num_workers x train.gradient_accumulation_steps); choose a multiple of that"
             )
+        d = self.distributed
+        if d.backend == "ray" and d.elastic:
+            uneven = [w for w in range(d.min_workers, d.max_workers + 1) if chunks % w]
+            if uneven:
+                raise ValueError(
+                    f"distributed.num_workers: an elastic run keeps {chunks} micro-batches per step "
+                    f"(the largest worker count {d.max_workers} x train.gradient_accumulation_steps), which {uneven} workers "
+                    "cannot share evenly; choose [min, max] so that every count in it divides that, or raise "
+                    "train.gradient_accumulation_steps"
+                )
         return self
 
     @property

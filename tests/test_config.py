@@ -126,3 +126,33 @@ def test_the_old_checkpoint_shortcut_still_works(caplog):
 
     assert expand_shortcuts("evaluate", ["checkpoint=m.pt"]) == ["evaluation.model_file=m.pt"]
     assert "evaluate checkpoint= is deprecated" in caplog.text
+
+
+def test_an_elastic_worker_range_is_read_from_the_command_line():
+    config = load_job(None, ["distributed.num_workers=[2,4]", "train.gradient_accumulation_steps=3", "train.batch_size=96"])
+    d = config.distributed
+    assert (d.min_workers, d.max_workers, d.elastic) == (2, 4, True)
+    assert config.num_chunks == 12  # the largest size's micro-batches, kept at every size
+    fixed = load_job(None, ["distributed.num_workers=4"]).distributed
+    assert (fixed.min_workers, fixed.max_workers, fixed.elastic) == (4, 4, False)
+
+
+@pytest.mark.parametrize("workers", ["[0,2]", "[3,2]", "0"])
+def test_an_impossible_worker_range_is_refused(workers):
+    message = _error(f"distributed.num_workers={workers}")
+    assert "distributed.num_workers" in message and "1 <= min <= max" in message
+
+
+def test_an_elastic_range_whose_counts_cannot_share_the_micro_batches_is_refused():
+    # 4 workers x 1 accumulation step = 4 micro-batches per step: 3 workers cannot share them
+    message = _error("distributed.num_workers=[2,4]", "train.batch_size=64")
+    assert "distributed.num_workers" in message and "[3]" in message and "train.gradient_accumulation_steps" in message
+    load_job(None, ["distributed.num_workers=[2,4]", "train.batch_size=96", "train.gradient_accumulation_steps=3"])  # 12 chunks
+
+
+def test_an_elastic_run_started_below_its_largest_size_keeps_that_sizes_micro_batches():
+    from orchestrator.train.ray_backend import accumulation_for
+
+    config = load_job(None, ["distributed.num_workers=[1,4]", "train.batch_size=96", "train.gradient_accumulation_steps=3"])
+    # a fresh start (no checkpoint) at each size Ray may pick: 12 micro-batches per step each time
+    assert [accumulation_for(None, w, config) for w in (1, 2, 3, 4)] == [12, 6, 4, 3]

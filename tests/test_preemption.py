@@ -114,3 +114,55 @@ def test_a_drained_node_gets_a_checkpoint_and_its_replacement_resumes_from_it(tm
     assert steps == list(range(10, 201, 10))  # nothing lost, nothing logged twice
     for name, value in _ema(whole.run_dir).items():
         torch.testing.assert_close(_ema(summary.run_dir)[name], value, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.slow
+def test_an_elastic_run_goes_on_with_fewer_workers_when_a_node_is_lost_for_good(tmp_path):
+    # distributed.num_workers: [1, 2] on two 1-CPU nodes; one node goes and none replaces it: Ray
+    # Train restarts the group with the one worker that fits, from the last checkpoint (2 workers
+    # at ZeRO-2, converted for 1), with 2 accumulation steps that keep the 2 micro-batches per step
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    cluster.add_node(num_cpus=1)
+    doomed = cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address)
+    overrides = (
+        f"distributed.ray_address={cluster.address}", "distributed.num_workers=[1,2]", "train.steps=40", "train.checkpoint_every=10",
+    )
+    try:
+        job = _job(tmp_path, *overrides)
+        run_dir = Path(job.run_dir)
+        outcome: dict = {}
+
+        def train() -> None:
+            try:
+                outcome["summary"] = run_train(job)
+            except BaseException as error:  # reported below, by the test's own thread
+                outcome["error"] = error
+
+        thread = threading.Thread(target=train, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 600
+        while not any(step >= 10 for step in _checkpoint_steps(run_dir)):
+            assert thread.is_alive() and time.monotonic() < deadline, "no checkpoint of both workers"
+            time.sleep(0.1)
+        cluster.remove_node(doomed, allow_graceful=False)
+        thread.join(timeout=600)
+        assert not thread.is_alive(), "the run did not end after the node was lost"
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert "error" not in outcome, repr(outcome.get("error"))
+    summary = outcome["summary"]
+    assert summary.steps == 40 and summary.resumed_from in (10, 20, 30)  # the 1-worker group resumed there
+    last = json.loads((run_dir / "checkpoint_00000040" / "manifest-rank00000.json").read_text())
+    assert (last["world_size"], last["num_chunks"]) == (1, 2), "the last checkpoint is not the 1-worker group's"
+    assert not (run_dir / "checkpoint_00000040" / "manifest-rank00001.json").exists()
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [10, 20, 30, 40]  # nothing logged twice
+    # the single process with the same 2 micro-batches per step
+    reference = run_train(_job(tmp_path / "reference", *overrides[1:], "distributed.backend=local", "train.gradient_accumulation_steps=2"))
+    for name, value in _ema(reference.run_dir).items():
+        torch.testing.assert_close(_ema(summary.run_dir)[name], value, rtol=1e-4, atol=1e-5, msg=name)

@@ -167,12 +167,19 @@ class RayCheckpointer:
             torch.distributed.broadcast_object_list(choice, src=0)
         if isinstance(choice[0], JobError):
             raise choice[0]
-        if choice[0] is None:
+        if choice[0] is None:  # a fresh start; an elastic one may start below its largest size
+            run.accumulation_steps = accumulation_for(None, run.world_size, self.config, log=run.rank == 0)
             return
         self._chosen, saved_chunks, self.convert_from = choice[0]
         if self.convert_from is not None:  # names and whole shapes, read before a ZeRO-3 engine partitions them
             self._parameters = {name: tuple(p.shape) for name, p in run.trained.named_parameters()}
-        run.accumulation_steps = accumulation_for(saved_chunks, run.world_size, self.config)  # the driver logged it
+            if run.rank == 0 and self.config.distributed.elastic:
+                logger.info(
+                    "resuming checkpoint %d (ZeRO stage %d) on %d workers at stage %d: converting it through DeepSpeed's "
+                    "universal checkpoint first", self._chosen, self.convert_from, run.world_size, self.config.distributed.zero_stage,
+                )
+        # the driver said so already, unless the run is elastic (Ray picks the worker count at start)
+        run.accumulation_steps = accumulation_for(saved_chunks, run.world_size, self.config, log=run.rank == 0 and self.config.distributed.elastic)
 
     def _choose(self, run: TrainingRun) -> tuple[int, int | None, int | None] | None:
         found = resumable_checkpoint(
@@ -233,28 +240,29 @@ class RayCheckpointer:
 
 
 def accumulation_for(saved_chunks: int | None, world_size: int, config: JobConfig, *, log: bool = False) -> int:
-    """Gradient accumulation steps for a run resumed at `world_size` workers from a checkpoint
-    trained with `saved_chunks` micro-batches per step. A step's data and noise depend only on
-    (seed, step, chunk), so keeping the chunk count (2 workers x 1 -> 1 worker x 2) continues the
-    interrupted run exactly; where the new worker count does not divide it, the run goes on at
-    the same global batch in another split and no longer reproduces the uninterrupted one."""
+    """Gradient accumulation steps for `world_size` workers: those that keep the micro-batches
+    per step of the checkpoint resumed (`saved_chunks`), or, on a fresh start, the job's own
+    (`JobConfig.num_chunks`: an elastic run keeps its largest size's). A step's data and noise
+    depend only on (seed, step, chunk), so keeping the chunk count (2 workers x 1 -> 1 worker x 2)
+    trains each step exactly as the uninterrupted run; where the worker count does not divide it,
+    the run goes on at the same global batch in another split and no longer reproduces the
+    uninterrupted one."""
     configured = config.train.gradient_accumulation_steps
-    if saved_chunks is None or saved_chunks == world_size * configured:
-        return configured
-    if saved_chunks % world_size == 0:
-        accumulation = saved_chunks // world_size
-        if log:
+    chunks = config.num_chunks if saved_chunks is None else saved_chunks
+    if chunks % world_size == 0:
+        accumulation = chunks // world_size
+        if log and accumulation != configured:
             logger.info(
-                "resuming on %d workers: %d gradient accumulation steps (not %d) keep the checkpoint's %d micro-batches per step, "
-                "so the run continues exactly as it would have", world_size, accumulation, configured, saved_chunks,
+                "%d workers: %d gradient accumulation steps (not %d) keep %d micro-batches per step, so the run continues "
+                "exactly as it would have", world_size, accumulation, configured, chunks,
             )
         return accumulation
-    if log:
+    if log and saved_chunks is not None:
         logger.warning(
             "resuming on %d workers from a checkpoint trained with %d micro-batches per step: %d does not divide into "
             "%d workers, so the run continues at the same global batch (train.batch_size=%d) in %d micro-batches and is "
             "no longer bitwise reproducible against an uninterrupted run",
-            world_size, saved_chunks, saved_chunks, world_size, config.train.batch_size, world_size * configured,
+            world_size, chunks, chunks, world_size, config.train.batch_size, world_size * configured,
         )
     return configured
 
@@ -296,6 +304,8 @@ def check_resumable(config: JobConfig) -> None:
     logger.info("resuming from %s", checkpoint.folder)
     # what the workers will do with it, said once, where the user reads the job's log
     manifest, distributed = checkpoint.manifest, config.distributed
+    if distributed.elastic:  # the worker count is Ray's to pick at start: the workers say what they do
+        return
     if needs_conversion(manifest, distributed.num_workers, distributed.zero_stage):
         logger.info(
             "the checkpoint was written by %d workers at ZeRO stage %d and this job asks for %d at stage %d: each worker "
@@ -313,16 +323,16 @@ def connect_for_training(config: JobConfig) -> None:
     distributed = config.distributed
     cluster.check_local_capacity(
         distributed.ray_address,
-        distributed.num_workers,
+        distributed.max_workers,
         distributed.cpus_per_worker,
         cluster.TRAIN_WORKER_GIB,
-        f"{distributed.num_workers} training workers (distributed.num_workers)",
+        f"{distributed.max_workers} training workers (distributed.num_workers)",
         "lower distributed.num_workers or distributed.cpus_per_worker",
     )
     os.environ.update({k: v for k, v in _WORKER_ENVIRONMENT.items() if k not in os.environ})
     if config.distributed.gpus_per_worker == 0:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed picks its accelerator at import
-    cluster.connect(config.distributed.ray_address, config.distributed.num_workers * config.distributed.cpus_per_worker)
+    cluster.connect(config.distributed.ray_address, config.distributed.max_workers * config.distributed.cpus_per_worker)
 
 
 def check_resources(config: JobConfig) -> None:
@@ -330,9 +340,9 @@ def check_resources(config: JobConfig) -> None:
     waiting forever for resources that will not come."""
     distributed = config.distributed
     cluster.check_fits(
-        distributed.num_workers,
+        distributed.min_workers,  # an elastic run starts with as many as fit, from its minimum
         {"CPU": distributed.cpus_per_worker, "GPU": distributed.gpus_per_worker},
-        f"{distributed.num_workers} training workers (distributed.num_workers)",
+        f"{distributed.min_workers} training workers (distributed.num_workers)",
         "lower distributed.num_workers, distributed.cpus_per_worker or distributed.gpus_per_worker",
     )
 
@@ -373,7 +383,11 @@ def run_train_ray(config: JobConfig, callbacks: tuple[Any, ...] = ()) -> TrainSu
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"job": config.model_dump(mode="json"), "stop_flag": flag},
-        scaling_config=ScalingConfig(num_workers=distributed.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=distributed.num_workers if distributed.elastic else distributed.max_workers,
+            use_gpu=use_gpu,
+            resources_per_worker=resources,
+        ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
             name=config.name,

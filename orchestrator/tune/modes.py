@@ -129,15 +129,15 @@ class TrainingSweep(SweepMode):
         return []
 
     def worker_cpus(self, job: JobConfig) -> float:
-        return job.distributed.num_workers * job.distributed.cpus_per_worker
+        return job.distributed.max_workers * job.distributed.cpus_per_worker  # an elastic trial is placed at its largest
 
     def place_workers(self, job: JobConfig) -> Workers:
         d = job.distributed
         cluster.check_fits(
-            d.num_workers, {"CPU": d.cpus_per_worker, "GPU": d.gpus_per_worker}, f"{d.num_workers} training workers of each trial",
+            d.max_workers, {"CPU": d.cpus_per_worker, "GPU": d.gpus_per_worker}, f"{d.max_workers} training workers of each trial",
             "lower distributed.num_workers, cpus_per_worker or gpus_per_worker in job_overrides",
         )
-        return Workers(self.worker_cpus(job), d.num_workers * d.gpus_per_worker, {})
+        return Workers(self.worker_cpus(job), d.max_workers * d.gpus_per_worker, {})
 
     def scheduler(self, sweep: Sweep) -> Any:
         """ASHA on the quick score, by training step; None when early stopping is off."""
