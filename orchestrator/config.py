@@ -87,6 +87,12 @@ class TrainConfig(_Section):
     score_every: int = Field(0, ge=0, description="quick quality score (evaluation.score_samples samples) every N steps, reported for early stopping; 0: off")
     gradient_accumulation_steps: int = Field(1, gt=0, description="micro-batches per optimiser step on each worker")
     keep_checkpoints: int = Field(2, gt=0)
+    checkpoint_upload: Literal["sync", "async"] = Field(
+        "sync",
+        description="Ray backend. sync: training waits while Ray copies each checkpoint to output_dir; async: training goes "
+        "on once the checkpoint is on the worker's disk and Ray uploads it in the background (it counts once its manifests "
+        "and files are all there, as with sync)",
+    )
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
@@ -244,6 +250,15 @@ class JobConfig(_Section):
             )
         if not needs_teacher(objective) and self.train.teacher is not None:
             raise ValueError("train.teacher: only distillation objectives (objective.distillation: true) use a teacher; remove it")
+        return self
+
+    @model_validator(mode="after")
+    def _async_upload_is_ray_trains(self) -> JobConfig:
+        if self.train.checkpoint_upload == "async" and self.distributed.backend != "ray":
+            raise ValueError(
+                "train.checkpoint_upload: async is Ray Train's background upload, and the local backend writes its "
+                "checkpoints in place; remove it or use distributed.backend=ray"
+            )
         return self
 
     @property

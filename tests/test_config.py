@@ -156,3 +156,9 @@ def test_an_elastic_run_started_below_its_largest_size_keeps_that_sizes_micro_ba
     config = load_job(None, ["distributed.num_workers=[1,4]", "train.batch_size=96", "train.gradient_accumulation_steps=3"])
     # a fresh start (no checkpoint) at each size Ray may pick: 12 micro-batches per step each time
     assert [accumulation_for(None, w, config) for w in (1, 2, 3, 4)] == [12, 6, 4, 3]
+
+
+def test_async_checkpoint_upload_is_refused_where_nothing_is_uploaded():
+    message = _error("train.checkpoint_upload=async", "distributed.backend=local")
+    assert "train.checkpoint_upload" in message and "distributed.backend=ray" in message
+    assert load_job(None, ["train.checkpoint_upload=async"]).train.checkpoint_upload == "async"

@@ -92,6 +92,13 @@ def test_rerunning_a_job_resumes_from_its_last_checkpoint(tmp_path):
     assert (first.steps, second.resumed_from, second.steps) == (20, 20, 30)
     assert second.mlflow_run_id == first.mlflow_run_id
     assert second.frechet_untrained is None  # the untrained baseline belongs to the first run only
+    # what checkpoints cost, as the loop waited for them: 2 saves each run, one restore in the second
+    assert (first.checkpoints, second.checkpoints) == (2, 1) and first.checkpoint_seconds > 0
+    assert second.restore_seconds > 0
+    from mlflow.tracking import MlflowClient
+
+    metrics = MlflowClient(tracking_uri=_job(tmp_path).tracking.tracking_uri).get_run(second.mlflow_run_id).data.metrics
+    assert {"checkpoint_seconds", "restore_seconds"} <= set(metrics)
 
 
 def test_resumed_run_matches_an_uninterrupted_one(tmp_path):

@@ -16,6 +16,7 @@ from orchestrator import storage
 from orchestrator.config import load_job
 from orchestrator.errors import CheckpointError, ConfigError, ResourceError
 from orchestrator.job_checks import check_job
+from orchestrator.train.checkpoints import checkpoint_problem
 from orchestrator.train.run import run_train
 from driver_helpers import stopped_by_a_signal
 
@@ -100,11 +101,12 @@ def test_checkpoints_go_to_s3_and_a_resubmitted_job_resumes_from_them(ray_cluste
 
 
 def test_a_worker_that_dies_mid_run_is_restarted_and_the_run_ends_as_if_uninterrupted(ray_cluster, tmp_path, monkeypatch, reference_30_steps):
-    # 2 workers under ZeRO-2, held to the single process's run
+    # 2 workers under ZeRO-2, held to the single process's run; checkpoints are uploaded in the
+    # background, so the restart also shows that Ray's async upload keeps what resuming needs
     marker = tmp_path / "fault-happened"
     monkeypatch.setenv("UCGM_FAULT_AT_STEP", "15")
     monkeypatch.setenv("UCGM_FAULT_MARKER", str(marker))
-    common = ("train.steps=30", "tracking.enabled=false", "distributed.zero_stage=2")
+    common = ("train.steps=30", "tracking.enabled=false", "distributed.zero_stage=2", "train.checkpoint_upload=async")
     faulted = run_train(_job(str(tmp_path / "faulted"), tmp_path, *common, "distributed.max_failures=1"))
 
     assert marker.exists(), "the fault hook never fired"
@@ -221,9 +223,14 @@ def test_a_torn_newest_checkpoint_on_s3_is_skipped_and_the_run_ends_as_if_uninte
     _assert_same_run(resumed, reference_30_steps)
 
     # resumed by 1 worker at ZeRO-2 (2 accumulation steps keep the 2 micro-batches): the ZeRO-3
-    # checkpoint of 2 workers is converted through DeepSpeed's universal checkpoint by the worker
-    more = run_train(_job(output, tmp_path, "train.steps=40", "tracking.enabled=false", "distributed.zero_stage=2", "distributed.num_workers=1"))
+    # checkpoint of 2 workers is converted through DeepSpeed's universal checkpoint by the worker;
+    # its checkpoint goes to S3 in the background, and is there, committed, when the run returns
+    more = run_train(_job(
+        output, tmp_path, "train.steps=40", "tracking.enabled=false", "distributed.zero_stage=2", "distributed.num_workers=1",
+        "train.checkpoint_upload=async",
+    ))
     assert (more.resumed_from, more.steps) == (30, 40)
+    assert checkpoint_problem(f"{output}/digits/checkpoint_00000040", check_content=False) is None  # every file, at its size
     logged = storage.read_bytes(f"{resumed.run_dir}/metrics.jsonl").decode().splitlines()
     assert [json.loads(line)["step"] for line in logged] == [10, 20, 30, 40]
 

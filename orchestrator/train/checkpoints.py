@@ -104,7 +104,8 @@ def read_manifests(folder: str) -> list[dict[str, Any]]:
 
 def checkpoint_problem(folder: str, *, check_content: bool) -> str | None:
     """Why `folder` is not a committed checkpoint, or None when it is: the manifests of all its
-    ranks, and every file they list at its size (and, with `check_content`, its sha256)."""
+    ranks, and every file they list at its size (and, with `check_content`, its sha256: a local
+    folder only, as the workers check the copy they load)."""
     try:
         manifests = read_manifests(folder)
     except Exception as error:  # a manifest cut off mid-write

@@ -63,6 +63,8 @@ class RunFolderCheckpointer:
     """Checkpoints as `<run_dir>/checkpoints/checkpoint_XXXXXXXX/{state.pt, manifest-rank00000.json}`
     (see orchestrator.train.checkpoints)."""
 
+    choose_seconds = 0.0  # restore() chooses the checkpoint too
+
     def __init__(self, config: JobConfig):
         self.config = config
 

@@ -177,6 +177,7 @@ class Optimization(Protocol):
 
 
 class Checkpointer(Protocol):
+    choose_seconds: float  # spent choosing (and checking) the checkpoint before the engine was built
     def restore(self, run: TrainingRun, optimization: Optimization) -> dict[str, Any] | None: ...
     def save(self, run: TrainingRun, optimization: Optimization, extra: dict[str, Any], metrics: dict[str, float]) -> None: ...
     def report(self, metrics: dict[str, float]) -> None: ...
@@ -222,6 +223,11 @@ class TrainSummary(VerbSummary):
     frechet_trained: float | None
     extractor: str | None
     mlflow_run_id: str | None
+    # what checkpoints cost this run, as the training loop waited for them: the restore, and the
+    # saves (sync upload: until persisted; async: until on the worker's disk)
+    restore_seconds: float = 0.0
+    checkpoint_seconds: float = 0.0
+    checkpoints: int = 0
 
     @classmethod
     def from_json(cls, text: str) -> TrainSummary:
@@ -310,15 +316,19 @@ def train_loop(
     started = time.perf_counter()
     config, train, is_main = run.config, run.config.train, run.rank == 0
     restored = checkpointer.restore(run, optimization)
+    restore_seconds = checkpointer.choose_seconds + time.perf_counter() - started
     resumed_from = run.step
     if resumed_from:
-        logger.info("resuming %s from step %d", config.run_dir, resumed_from)
+        logger.info("resuming %s from step %d (restored in %.2f s)", config.run_dir, resumed_from, restore_seconds)
+    checkpoint_seconds, checkpoints = 0.0, 0
 
     tracker: Tracker = NullTracker()
     scorer = frechet_untrained = None
     if is_main:
         tracker = open_tracker((restored or {}).get("mlflow_run_id"))
         tracker.log_params(config.to_flat_dict())
+        if resumed_from:
+            tracker.log_metrics({"restore_seconds": restore_seconds}, step=resumed_from)
         tracker.set_tags({"run_dir": config.run_dir, "model_parameters": str(sum(p.numel() for p in run.ema.module.parameters()))})
         scorer = QualityScorer(run) if run.image_shape[0] == 1 else None
         if scorer is None:
@@ -356,7 +366,11 @@ def train_loop(
             if is_main and run.step % train.sample_every == 0:
                 write_sample_grid(run, tracker, f"step_{run.step:08d}")
             if stopping or preempted or run.step % train.checkpoint_every == 0 or run.step == train.steps:
+                saving = time.perf_counter()
                 checkpointer.save(run, optimization, {"mlflow_run_id": tracker.run_id}, metrics or {"step": run.step})
+                saved_in = time.perf_counter() - saving
+                checkpoint_seconds, checkpoints = checkpoint_seconds + saved_in, checkpoints + 1
+                tracker.log_metrics({"checkpoint_seconds": saved_in}, step=run.step)
             elif metrics is not None:
                 checkpointer.report(metrics)
             if stopping:
@@ -389,6 +403,9 @@ def train_loop(
             frechet_trained=frechet_trained,
             extractor=scorer.extractor.identifier() if scorer else None,
             mlflow_run_id=tracker.run_id,
+            restore_seconds=round(restore_seconds, 3),
+            checkpoint_seconds=round(checkpoint_seconds, 3),
+            checkpoints=checkpoints,
         )
         storage.write_bytes(storage.join(config.run_dir, "summary.json"), summary.to_json().encode())
         tracker.log_artifact_bytes(summary.to_json().encode(), "summary.json")

@@ -24,8 +24,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import tempfile
 import threading
+import time
 from typing import Any
 
 import torch
@@ -152,11 +154,19 @@ class RayCheckpointer:
         # at another stage, or under ZeRO at another worker count), else None
         self.convert_from: int | None = None
         self._parameters: dict[str, tuple[int, ...]] = {}
+        self.choose_seconds = 0.0
 
     def choose(self, run: TrainingRun) -> None:
         """Before the engine is built (a collective): rank 0 picks the checkpoint to resume from
         and every rank learns its step, whether it is converted first, and the micro-batch count
         to train with (see `accumulation_for`)."""
+        started = time.perf_counter()
+        try:
+            self._agree_on_choice(run)
+        finally:
+            self.choose_seconds = time.perf_counter() - started
+
+    def _agree_on_choice(self, run: TrainingRun) -> None:
         choice: list[Any] = [None]
         if run.rank == 0:
             try:
@@ -214,13 +224,19 @@ class RayCheckpointer:
 
     def save(self, run: TrainingRun, optimization: DeepSpeedOptimization, extra: dict[str, Any], metrics: dict[str, float]) -> None:
         import ray.train
-        from ray.train import Checkpoint
+        from ray.train import Checkpoint, CheckpointUploadMode
 
-        with tempfile.TemporaryDirectory() as folder:
+        background = self.config.train.checkpoint_upload == "async"
+        # Ray deletes the local copy once it is uploaded: with async, after save() has returned
+        folder = tempfile.mkdtemp(prefix="ucgm-checkpoint-")
+        try:
             optimization.engine.save_checkpoint(folder, tag=DEEPSPEED_TAG, client_state={"step": run.step})
             if run.rank == 0:
                 state = {"step": run.step, "config": self.config.model_dump(mode="json"), **run.averages_state(), **extra}
                 torch.save(state, os.path.join(folder, UCGM_STATE_FILE))
+            # The manifest is what commits the checkpoint, in whatever order the upload copies the
+            # files: resuming needs every rank's manifest and every file it lists at its size
+            # (checkpoints.checkpoint_problem), so an upload cut off midway, sync or async, is torn.
             write_manifest(
                 folder, rank=run.rank, world_size=run.world_size, step=run.step,
                 zero_stage=self.config.distributed.zero_stage, num_chunks=run.num_chunks,
@@ -229,9 +245,19 @@ class RayCheckpointer:
                 dict(metrics),
                 checkpoint=Checkpoint.from_directory(folder),
                 checkpoint_dir_name=checkpoint_folder_name(run.step),
+                checkpoint_upload_mode=CheckpointUploadMode.ASYNC if background else CheckpointUploadMode.SYNC,
+                delete_local_checkpoint_after_upload=True,
             )
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        if not background:  # uploaded and deleted by Ray, unless it skipped the report (a peer failed)
+            shutil.rmtree(folder, ignore_errors=True)
         if run.rank == 0:
-            logger.info("checkpoint step %d -> %s", run.step, storage.join(self.config.run_dir, checkpoint_folder_name(run.step)))
+            logger.info(
+                "checkpoint step %d -> %s%s", run.step, storage.join(self.config.run_dir, checkpoint_folder_name(run.step)),
+                " (uploading in the background)" if background else "",
+            )
 
     def report(self, metrics: dict[str, float]) -> None:
         import ray.train

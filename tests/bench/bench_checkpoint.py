@@ -1,18 +1,21 @@
 """Benchmark: what checkpoints cost a Ray Train + DeepSpeed run, and what resuming costs.
 
-Each figure is a difference of wall times of whole `run_train` calls on one local Ray cluster
-(2 CPU workers, ZeRO-2, the digits job), so it holds everything a user waits for: DeepSpeed's
-save, the manifests (sha256 of every file), `ray.train.report` persisting the folder, and on S3
-the upload to a real S3-compatible server on 127.0.0.1 (moto):
+On one local Ray cluster (2 CPU workers, ZeRO-2, the digits job), for output_dir on local disk and
+on a real S3-compatible server on 127.0.0.1 (moto), with train.checkpoint_upload sync and async:
 
-  seconds per checkpoint = (T(checkpoint_every=C) - T(no checkpoint but the last)) / (extra checkpoints)
-  seconds to resume      = T(resume at step N, train 1 more step) - T(train 1 step from scratch)
+- seconds per checkpoint: what the training loop waited for each save (summary.json's
+  checkpoint_seconds / checkpoints, timed on rank 0 inside the worker: DeepSpeed's save, the
+  manifests with the sha256 of every file, and `ray.train.report`, which with sync returns once the
+  folder is persisted and with async once it is queued for upload);
+- the step-time cost: the whole run's wall time with a checkpoint every C steps minus the same run
+  with only the last one, per extra checkpoint (this holds what async moves off the loop but still
+  costs: the background upload competing with training, and the final flush before the run ends);
+- seconds to resume: summary.json's restore_seconds of a run that resumes the checkpoint (choosing
+  and checking it, downloading it, converting it where needed, loading it), at the same worker count
+  and at another (2 workers -> 1 worker x 2 accumulation steps, through DeepSpeed's universal
+  checkpoint).
 
-for output_dir on local disk and on S3; and the resume at another worker count (2 -> 1 worker,
-ZeRO-0, where a resume at another count is allowed). Checkpoints are written synchronously
-(`ray.train.report` returns when the folder is persisted); the async upload mode is not used.
-
-    .venv/bin/python tests/bench/bench_checkpoint.py [--steps 60] [--every 10] [--repeats 2]
+    .venv/bin/python tests/bench/bench_checkpoint.py [--steps 40] [--every 10] [--repeats 1]
 
 Prints a markdown table; paste it into tests/bench/RESULTS.md.
 """
@@ -32,6 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from orchestrator.config import load_job  # noqa: E402
+from orchestrator.train.loop import TrainSummary  # noqa: E402
 from orchestrator.train.run import run_train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,12 +59,6 @@ def job(output_dir: str, *overrides: str):
     )
 
 
-def timed(config) -> float:
-    started = time.perf_counter()
-    run_train(config)
-    return time.perf_counter() - started
-
-
 def start_s3() -> str:
     import boto3
     from moto.server import ThreadedMotoServer
@@ -77,11 +75,17 @@ def start_s3() -> str:
     return f"s3://{bucket}"
 
 
+def summary(config) -> tuple[float, TrainSummary]:
+    started = time.perf_counter()
+    result = run_train(config)
+    return time.perf_counter() - started, result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--every", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -90,43 +94,33 @@ def main() -> None:
 
     local = tempfile.mkdtemp(prefix="bench-checkpoint-")
     connect_for_training(job(local))
-    timed(job(f"{local}/warm-up", "train.steps=2"))  # imports and first worker start out of the figures
+    summary(job(f"{local}/warm-up", "train.steps=2"))  # imports and first worker start out of the figures
 
     rows = []
     for where, root in (("local disk", local), ("S3 (moto, 127.0.0.1)", s3)):
-        plain, often, fresh, resumed = [], [], [], []
-        for repeat in range(args.repeats):
-            base = f"{root}/r{repeat}-{uuid.uuid4().hex[:6]}"
-            plain.append(timed(job(f"{base}/plain", f"train.steps={args.steps}", f"train.checkpoint_every={10 * args.steps}")))
-            often.append(timed(job(f"{base}/often", f"train.steps={args.steps}", f"train.checkpoint_every={args.every}")))
-            fresh.append(timed(job(f"{base}/fresh", "train.steps=1", "train.checkpoint_every=1")))
-            # resume the `often` run at its last step and train one more
-            resumed.append(timed(job(f"{base}/often", f"train.steps={args.steps + 1}", f"train.checkpoint_every={args.every}")))
-        extra = args.steps // args.every - 1  # both runs write the last step's
-        per_checkpoint = (statistics.median(often) - statistics.median(plain)) / extra
-        resume = statistics.median(resumed) - statistics.median(fresh)
-        rows.append((where, statistics.median(plain), statistics.median(often), per_checkpoint, resume))
-
-    # a resume at another worker count: ZeRO-0, 2 workers -> 1 worker x 2 accumulation steps
-    counts = []
-    for repeat in range(args.repeats):
-        base = f"{local}/count-{repeat}"
-        timed(job(base, f"train.steps={args.every}", "distributed.zero_stage=0", f"train.checkpoint_every={args.every}"))
-        same = timed(job(base, f"train.steps={args.every + 1}", "distributed.zero_stage=0", f"train.checkpoint_every={args.every}"))
-        other = timed(
-            job(base, f"train.steps={args.every + 2}", "distributed.zero_stage=0", "distributed.num_workers=1", f"train.checkpoint_every={args.every}")
-        )
-        counts.append((same, other))
+        for upload in ("sync", "async"):
+            waited, cost, same, other = [], [], [], []
+            for repeat in range(args.repeats):
+                base = f"{root}/{upload}-r{repeat}-{uuid.uuid4().hex[:6]}"
+                mode = f"train.checkpoint_upload={upload}"
+                plain, _ = summary(job(f"{base}/plain", mode, f"train.steps={args.steps}", f"train.checkpoint_every={10 * args.steps}"))
+                often, written = summary(job(f"{base}/often", mode, f"train.steps={args.steps}", f"train.checkpoint_every={args.every}"))
+                waited.append(written.checkpoint_seconds / written.checkpoints)
+                cost.append((often - plain) / (written.checkpoints - 1))  # both runs write the last step's
+                _, resumed = summary(job(f"{base}/often", mode, f"train.steps={args.steps + 1}", f"train.checkpoint_every={args.every}"))
+                same.append(resumed.restore_seconds)
+                _, converted = summary(job(
+                    f"{base}/often", mode, f"train.steps={args.steps + 2}", f"train.checkpoint_every={args.every}", "distributed.num_workers=1"
+                ))
+                other.append(converted.restore_seconds)
+            rows.append((where, upload, *map(statistics.median, (waited, cost, same, other))))
 
     print(f"Ray Train + DeepSpeed, 2 CPU workers, ZeRO-2, digits tiny DiT; {args.steps} steps; median of {args.repeats}\n")
-    print("| output_dir | run, last checkpoint only (s) | run, checkpoint every "
-          f"{args.every} steps (s) | seconds per checkpoint | seconds to resume (vs a fresh 1-step run) |")
-    print("|---|---|---|---|---|")
-    for where, plain, often, per_checkpoint, resume in rows:
-        print(f"| {where} | {plain:.1f} | {often:.1f} | {per_checkpoint:.2f} | {resume:.2f} |")
-    same = statistics.median(c[0] for c in counts)
-    other = statistics.median(c[1] for c in counts)
-    print(f"\nZeRO-0 resume + 1 step: same worker count (2) {same:.1f} s, another (1 worker x 2 micro-batches) {other:.1f} s")
+    print("| output_dir | upload | loop waits per checkpoint (s) | wall time per checkpoint (s) "
+          "| resume, 2 workers (s) | resume, 2 -> 1 worker (s) |")
+    print("|---|---|---|---|---|---|")
+    for where, upload, waited, cost, same, other in rows:
+        print(f"| {where} | {upload} | {waited:.2f} | {cost:.2f} | {same:.2f} | {other:.2f} |")
 
 
 if __name__ == "__main__":
