@@ -113,6 +113,9 @@ def checkpoint_problem(folder: str, *, check_content: bool) -> str | None:
     if not manifests:
         return "it has no manifest (its write or upload did not finish)"
     world_size = manifests[0]["world_size"]
+    # a torn folder rewritten by fewer ranks (a resume at fewer workers reached its step again)
+    # still holds the old extra ranks' manifests, which speak of files the rewrite replaced
+    manifests = [m for m in manifests if m["rank"] < world_size]
     missing = sorted(set(range(world_size)) - {m["rank"] for m in manifests})
     if missing:
         return f"the manifests of ranks {missing} of {world_size} are missing (their write or upload did not finish)"
