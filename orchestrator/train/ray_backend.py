@@ -227,7 +227,8 @@ class RayCheckpointer:
         from ray.train import Checkpoint, CheckpointUploadMode
 
         background = self.config.train.checkpoint_upload == "async"
-        # Ray deletes the local copy once it is uploaded: with async, after save() has returned
+        # with async, Ray deletes the local copy once it is uploaded, after save() has returned;
+        # with sync, this method does, after the report (or Ray's skip of it, when a peer failed)
         folder = tempfile.mkdtemp(prefix="ucgm-checkpoint-")
         try:
             optimization.engine.save_checkpoint(folder, tag=DEEPSPEED_TAG, client_state={"step": run.step})
@@ -246,12 +247,12 @@ class RayCheckpointer:
                 checkpoint=Checkpoint.from_directory(folder),
                 checkpoint_dir_name=checkpoint_folder_name(run.step),
                 checkpoint_upload_mode=CheckpointUploadMode.ASYNC if background else CheckpointUploadMode.SYNC,
-                delete_local_checkpoint_after_upload=True,
+                delete_local_checkpoint_after_upload=background,
             )
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        if not background:  # uploaded and deleted by Ray, unless it skipped the report (a peer failed)
+        if not background:
             shutil.rmtree(folder, ignore_errors=True)
         if run.rank == 0:
             logger.info(
@@ -332,13 +333,13 @@ def check_resumable(config: JobConfig) -> None:
     manifest, distributed = checkpoint.manifest, config.distributed
     if distributed.elastic:  # the worker count is Ray's to pick at start: the workers say what they do
         return
-    if needs_conversion(manifest, distributed.num_workers, distributed.zero_stage):
+    if needs_conversion(manifest, distributed.max_workers, distributed.zero_stage):
         logger.info(
             "the checkpoint was written by %d workers at ZeRO stage %d and this job asks for %d at stage %d: each worker "
             "converts it through DeepSpeed's universal checkpoint first", manifest["world_size"], manifest["zero_stage"],
-            distributed.num_workers, distributed.zero_stage,
+            distributed.max_workers, distributed.zero_stage,
         )
-    accumulation_for((manifest or {}).get("num_chunks"), distributed.num_workers, config, log=True)
+    accumulation_for((manifest or {}).get("num_chunks"), distributed.max_workers, config, log=True)
 
 
 def connect_for_training(config: JobConfig) -> None:
