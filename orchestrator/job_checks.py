@@ -15,11 +15,13 @@ raises one ConfigError listing every problem it found, each as `<key>: <what is 
     train                      train.initialize_from / train.teacher are model files whose network
                                settings / transport fit the job; the run folder takes writes
     evaluate                   the sampler grid; the model file; the feature extractor reads its
-                               images; the reference statistics exist, in that feature space
+                               images; the reference statistics exist, in that feature space (a
+                               mu/sigma file: evaluation.reference_extractor declares it), of its
+                               dimension
     generate                   the model file; the output folder takes writes
     encode                     encode.vae is an AutoencoderKL folder; the data are images of a
                                size it takes; the output folder takes writes
-    reference                  the statistics' folder takes writes
+    reference                  the data are images (not latents); the statistics' folder takes writes
 
 What needs more than the config and the files it names is checked where that is at hand, still
 before work starts: the data's image shape against a model file by each training rank (it loads
@@ -46,10 +48,11 @@ from orchestrator.sample.decoder import decoded_shape, latent_vae_shape
 from orchestrator.sample.extractors import extractor_spec
 from orchestrator.sample.generate import output_folder as generate_output_folder
 from orchestrator.sample.model_files import read_model_file, read_model_file_at
-from orchestrator.sample.reference import load_reference, reference_path
+from orchestrator.sample.reference import image_data_problems, job_reference, reference_path
 from orchestrator.sample.sampler_grid import grid_settings
 from orchestrator.tracking import absolute_tracking_uri, sqlite_file
 from orchestrator.train.pretrained import misfit, model_sources
+from ucgm_core.datasets import latents_have_flipped_copies
 from ucgm_core.model_file import ModelFileContents
 
 logger = logging.getLogger(__name__)
@@ -235,6 +238,14 @@ def _data_problems(data: DataConfig) -> list[str]:
         )
     if data.path is not None and expected is not None:
         problems += _readable_problems("data.path", data.path, expected)
+    if not problems and data.name == "latents" and data.horizontal_flip:
+        flipped, found = _problems_of("data.path", lambda: latents_have_flipped_copies(data.path))
+        problems += found
+        if flipped is False:
+            problems.append(
+                f"data.horizontal_flip: the latents at {data.path!r} hold no flipped copies, and a flipped latent is not the "
+                "latent of the flipped image; encode them again with encode.horizontal_flip: true, or remove data.horizontal_flip"
+            )
     return problems
 
 
@@ -282,7 +293,7 @@ def _evaluate_problems(config: JobConfig) -> list[str]:
     _, problems = _problems_of("evaluation.sampler_grid", lambda: grid_settings(config))
     contents, found = _model_file(config)
     problems += found
-    identifier = None  # the feature space; unknown without a readable model file
+    extractor = None  # the feature space; unknown without a readable model file
     if contents is not None:
         image_shape, found = _sampled_image_shape(config, contents)
         problems += found
@@ -290,9 +301,10 @@ def _evaluate_problems(config: JobConfig) -> list[str]:
         problems += found
         if spec is not None:
             weights_key = "evaluation.inception_weights" if config.evaluation.inception_weights else "evaluation.extractor"
-            identifier, found = _problems_of(weights_key, lambda: spec.build("cpu").identifier())
+            extractor, found = _problems_of(weights_key, lambda: spec.build("cpu"))
             problems += found
-    _, found = _problems_of("evaluation.reference_statistics", lambda: load_reference(reference_path(config), identifier))
+    # our sums or published mu/sigma (declared by evaluation.reference_extractor), of this feature space
+    _, found = _problems_of("evaluation.reference_statistics", lambda: job_reference(config, extractor))
     return problems + found
 
 
@@ -318,14 +330,10 @@ def _encode_problems(config: JobConfig) -> list[str]:
     return problems
 
 
-def _no_problems(config: JobConfig) -> list[str]:
-    return []
-
-
 _VERB_CHECKS: dict[str, Callable[[JobConfig], list[str]]] = {
     "train": _train_problems,
     "evaluate": _evaluate_problems,
     "generate": _generate_problems,
     "encode": _encode_problems,
-    "reference": _no_problems,  # its data and its folder, checked for every verb that has them
+    "reference": image_data_problems,  # and its data and its folder, checked for every verb that has them
 }

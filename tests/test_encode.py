@@ -127,6 +127,28 @@ def test_encode_writes_the_vae_latents_in_shards_and_rewrites_only_a_lost_shard(
         run_encode(job(vae_folder, out, "encode.latent=sample"))
 
 
+def test_encode_writes_the_latents_of_the_flipped_images_for_horizontal_flips(vae_folder, ray_cluster, tmp_path):
+    out = str(tmp_path / "latents")
+    run_encode(job(vae_folder, out, "data.limit=24", "encode.shard_size=16", "encode.horizontal_flip=true"))
+    dataset = load_dataset("latents", path=out)
+    assert dataset.flipped is not None and tuple(dataset.flipped.shape) == (24, 4, 8, 8)
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(vae_folder, low_cpu_mem_usage=False).eval()
+    images = load_dataset("digits", image_size=32, limit=24).images.expand(-1, 3, -1, -1).flip(-1)
+    with torch.no_grad():
+        expected = (vae.encode(images).latent_dist.mean * vae.config.scaling_factor).numpy()
+    np.testing.assert_allclose(dataset.flipped.numpy(), expected, rtol=1e-4, atol=1e-5)
+    # the latents of a flipped image are not the flipped latents
+    assert not np.allclose(dataset.flipped.numpy(), dataset.images.flip(-1).numpy(), atol=1e-3)
+    # a job that flips latents encoded without copies is refused on the driver
+    plain = str(tmp_path / "plain")
+    run_encode(job(vae_folder, plain, "data.limit=8", "encode.shard_size=8"))
+    flipping = load_job(SPEC, ["tracking.enabled=false", "data.name=latents", f"data.path={plain}", "data.horizontal_flip=true"])
+    with pytest.raises(ConfigError, match="data.horizontal_flip: the latents at .* hold no flipped copies"):
+        check_job(flipping, "train")
+
+
 def test_training_reads_the_latent_shards(vae_folder, ray_cluster, tmp_path):
     out = str(tmp_path / "latents")
     run_encode(job(vae_folder, out, "data.limit=64", "encode.shard_size=32"))

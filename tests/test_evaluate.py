@@ -93,7 +93,7 @@ SPEC = str(Path(__file__).resolve().parents[1] / "jobs" / "digits.yaml")
 
 
 @pytest.fixture(scope="module")
-def evaluation_job(tmp_path_factory):
+def evaluation_job(tmp_path_factory, ray_cluster):  # `reference` runs on an actor pool too
     tmp = tmp_path_factory.mktemp("evaluate")
     model_path = write_tiny_model_file(tmp / "model.pt")
     overrides = [

@@ -12,7 +12,9 @@ stored already scaled by their VAE's scaling factor and are loaded as they are. 
 local or any fsspec URL (s3://, gs://, memory://).
 
 `open_image_source` gives the same images one batch at a time, by index, for a pass over a
-dataset too large to hold in memory (the `encode` verb's VAE pass over ImageNet).
+dataset too large to hold in memory (the `encode` verb's VAE pass over ImageNet). `open_shards`
+gives a parquet or latents dataset shard by shard, for training on more data than a worker holds
+(orchestrator.train.streaming).
 """
 
 from __future__ import annotations
@@ -57,8 +59,13 @@ class ImageDataset:
     labels: Tensor
     num_classes: int
     name: str
+    # latents only: the latents of the same images flipped left-right, when `encode` wrote them
+    # (flipping a latent is not encoding the flipped image)
+    flipped: Tensor | None = None
 
     def __post_init__(self) -> None:
+        if self.flipped is not None and self.flipped.shape != self.images.shape:
+            raise ValueError(f"flipped latents have shape {tuple(self.flipped.shape)}, the latents {tuple(self.images.shape)}")
         if self.images.ndim != 4:
             raise ValueError(f"images must have shape (N, C, H, W), got {tuple(self.images.shape)}")
         if self.images.dtype != torch.float32:
@@ -249,6 +256,19 @@ def _list_image_folder(path: str | None, image_size: int | None, limit: int | No
     return filesystem, files, labels, [PurePosixPath(d).name for d in class_dirs]
 
 
+def _parquet_files(path: str) -> tuple[Any, list[str]]:
+    """(filesystem, the .parquet files of path in sorted order): the order of the rows."""
+    filesystem, root = _filesystem(path)
+    if not filesystem.exists(root):
+        raise FileNotFoundError(f"parquet path {path!r} does not exist")
+    if not filesystem.isdir(root):
+        return filesystem, [root]
+    files = sorted(name for name in filesystem.find(root) if name.endswith(".parquet"))
+    if not files:
+        raise ValueError(f"parquet path {path!r} holds no .parquet files")
+    return filesystem, files
+
+
 def _load_parquet(path: str | None, image_size: int | None, limit: int | None) -> ImageDataset:
     if path is None:
         raise ValueError("dataset 'parquet' needs path= a parquet file or a directory of parquet shards")
@@ -256,10 +276,8 @@ def _load_parquet(path: str | None, image_size: int | None, limit: int | None) -
         import pyarrow.dataset as pa_dataset
     except ImportError as error:
         raise ImportError("the 'parquet' dataset needs pyarrow: pip install pyarrow") from error
-    filesystem, root = _filesystem(path)
-    if not filesystem.exists(root):
-        raise FileNotFoundError(f"parquet path {path!r} does not exist")
-    dataset = pa_dataset.dataset(root, filesystem=filesystem, format="parquet")
+    filesystem, files = _parquet_files(path)
+    dataset = pa_dataset.dataset(files, filesystem=filesystem, format="parquet")
     missing = {"image", "label"} - set(dataset.schema.names)
     if missing:
         raise ValueError(f"parquet data at {path!r} lacks column(s) {sorted(missing)}; has {dataset.schema.names}")
@@ -381,10 +399,8 @@ class _ParquetSource(ImageSource):
     def __init__(self, path: str, image_size: int | None, limit: int | None, mode: str | None):
         import pyarrow.dataset as pa_dataset
 
-        filesystem, root = _filesystem(path)
-        if not filesystem.exists(root):
-            raise FileNotFoundError(f"parquet path {path!r} does not exist")
-        labels = pa_dataset.dataset(root, filesystem=filesystem, format="parquet").to_table(columns=["label"]).column("label").to_numpy()
+        filesystem, files = _parquet_files(path)
+        labels = pa_dataset.dataset(files, filesystem=filesystem, format="parquet").to_table(columns=["label"]).column("label").to_numpy()
         if labels.size == 0:
             raise ValueError(f"parquet data at {path!r} has no rows")
         self.path, self.image_size, self.mode = path, image_size, mode
@@ -394,8 +410,8 @@ class _ParquetSource(ImageSource):
     def read(self, indices: Sequence[int]) -> Tensor:
         import pyarrow.dataset as pa_dataset
 
-        filesystem, root = _filesystem(self.path)
-        table = pa_dataset.dataset(root, filesystem=filesystem, format="parquet").take(list(indices), columns=["image"])
+        filesystem, files = _parquet_files(self.path)
+        table = pa_dataset.dataset(files, filesystem=filesystem, format="parquet").take(list(indices), columns=["image"])
         encoded = [item["bytes"] if isinstance(item, dict) else item for item in table.column("image").to_pylist()]
         return _decode_images(encoded, self.image_size, self.path, self.mode)
 
@@ -434,12 +450,15 @@ LATENT_PARAMETERS_FILE = "encoding.json"  # what was encoded and how: VAE, scali
 LATENT_SHARD = "shard-{:05d}"  # + ".parquet": columns index, label, latent (C*H*W float32); + ".done": written last
 
 
-def _load_latents(path: str | None, limit: int | None) -> ImageDataset:
+LATENT_FLIPPED_COLUMN = "latent_flipped"  # with encode.horizontal_flip: the latents of the flipped images
+SHARD_READ_ROWS = 1024  # rows decoded at a time when a shard is read for streaming
+
+
+def _latent_parameters(path: str | None) -> tuple[Any, str, dict[str, Any]]:
+    """(filesystem, root, encoding.json) of a finished latents folder."""
     if path is None:
         raise ValueError("dataset 'latents' needs path= the folder `python -m orchestrator encode` wrote (encode.out)")
     import json
-
-    import pyarrow.parquet as pq
 
     filesystem, root = _filesystem(path)
     root = root.rstrip("/")
@@ -457,22 +476,180 @@ def _load_latents(path: str | None, limit: int | None) -> ImageDataset:
             f"latents at {path!r} are incomplete: {len(missing)} of {shards} shards unfinished (e.g. {LATENT_SHARD.format(missing[0])}); "
             "re-run the same `python -m orchestrator encode` job, which writes only the missing shards"
         )
+    return filesystem, root, parameters
+
+
+def latents_have_flipped_copies(path: str) -> bool:
+    """Whether `encode` wrote the latents of the flipped images too (encode.horizontal_flip)."""
+    return bool(_latent_parameters(path)[2].get("horizontal_flip", False))
+
+
+def _latent_arrays(table: Any, column: str, shape: tuple[int, ...]) -> Tensor:
+    flat = table.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    # a copy: arrow's buffers are read-only, torch tensors must own writable memory
+    return torch.from_numpy(np.array(flat.reshape(table.num_rows, *shape), dtype=np.float32))
+
+
+def _latent_view(batch: Any, column: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A read-only (rows, *shape) float32 view of a record batch's latent column (no copy)."""
+    return batch.column(column).flatten().to_numpy(zero_copy_only=False).reshape(batch.num_rows, *shape)
+
+
+def _load_latents(path: str | None, limit: int | None) -> ImageDataset:
+    import pyarrow.parquet as pq
+
+    filesystem, root, parameters = _latent_parameters(path)
+    flipped_too = bool(parameters.get("horizontal_flip", False))
+    columns = ["index", "label", "latent"] + ([LATENT_FLIPPED_COLUMN] if flipped_too else [])
     shape = tuple(parameters["latent_shape"])
     count = parameters["num_images"] if limit is None else min(limit, parameters["num_images"])
-    latents, labels, read = [], [], 0
-    for shard in range(shards):
+    latents, flipped, labels, read = [], [], [], 0
+    for shard in range(parameters["num_shards"]):
         if read >= count:
             break
         with filesystem.open(f"{root}/{LATENT_SHARD.format(shard)}.parquet", "rb") as handle:
-            table = pq.read_table(handle, columns=["index", "label", "latent"])
+            table = pq.read_table(handle, columns=columns)
         take = min(table.num_rows, count - read)
         index = table.column("index").to_numpy()[:take]
         if not np.array_equal(index, np.arange(read, read + take)):
             raise ValueError(f"latents at {path!r}: shard {shard} holds indices {index[:1]}..., expected to start at {read}")
-        flat = table.column("latent").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        # a copy: arrow's buffers are read-only, torch tensors must own writable memory
-        latents.append(torch.from_numpy(np.array(flat.reshape(table.num_rows, *shape)[:take], dtype=np.float32)))
+        latents.append(_latent_arrays(table, "latent", shape)[:take])
+        if flipped_too:
+            flipped.append(_latent_arrays(table, LATENT_FLIPPED_COLUMN, shape)[:take])
         labels.append(torch.from_numpy(table.column("label").to_numpy()[:take].astype(np.int64)))
         read += take
     logger.info("latents %s: %d of shape %s from %s", path, read, shape, parameters.get("vae", "?"))
-    return ImageDataset(torch.cat(latents), torch.cat(labels), num_classes=parameters["num_classes"], name=f"latents:{path}")
+    return ImageDataset(
+        torch.cat(latents), torch.cat(labels), num_classes=parameters["num_classes"], name=f"latents:{path}",
+        flipped=torch.cat(flipped) if flipped_too else None,
+    )
+
+
+# --------------------------------------------------------------------------- shard by shard
+
+
+@dataclass
+class ShardSet:
+    """A sharded dataset read one shard at a time, for training on more data than a worker holds:
+    parquet files of images (columns image, label; rows in sorted file order) or the latent
+    shards `encode` writes. Picklable: it holds paths and sizes, never data."""
+
+    name: str  # "parquet" or "latents"
+    path: str
+    files: list[str]  # in row order, as the path's filesystem names them
+    sizes: np.ndarray  # rows of each file (the last one cut by a limit)
+    num_classes: int
+    image_size: int | None = None  # parquet: resize to this square
+    mode: str | None = None  # parquet: the PIL mode every image is decoded to ("L" or "RGB")
+    latent_shape: tuple[int, ...] | None = None
+    flipped_copies: bool = False  # latents: a latent_flipped column
+
+    def __len__(self) -> int:
+        return int(self.sizes.sum())
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        if self.latent_shape is not None:
+            return tuple(self.latent_shape)  # type: ignore[return-value]
+        return tuple(self.read(0, np.array([0]))[0].shape[1:])  # type: ignore[return-value]
+
+    def read(self, shard: int, rows: np.ndarray, flips: np.ndarray | None = None) -> tuple[Tensor, Tensor]:
+        """(examples, labels) of rows `rows` (positions within the shard) of shard `shard`; where
+        `flips` is true the example is flipped left-right (for latents: its flipped copy).
+
+        The shard is read SHARD_READ_ROWS rows at a time and only the rows asked for are kept (and,
+        for images, decoded): reading a whole shard as one table would cost a few times its size."""
+        import pyarrow.parquet as pq
+
+        rows = np.asarray(rows, dtype=np.int64)
+        flips = np.zeros(len(rows), dtype=bool) if flips is None else np.asarray(flips, dtype=bool)
+        columns = ["label", "latent"] if self.name == "latents" else ["label", "image"]
+        if self.name == "latents" and flips.any():
+            if not self.flipped_copies:
+                raise ValueError(f"latents at {self.path!r} have no flipped copies; encode them with encode.horizontal_flip: true")
+            columns.append(LATENT_FLIPPED_COLUMN)
+        order = np.argsort(rows, kind="stable")
+        wanted = rows[order]
+        labels = torch.empty(len(rows), dtype=torch.int64)
+        examples: Tensor | None = None
+        filesystem, _ = _filesystem(self.path)
+        source = f"{self.path} ({self.files[shard]})"
+        first = hi = 0
+        with filesystem.open(self.files[shard], "rb") as handle:
+            for batch in pq.ParquetFile(handle).iter_batches(batch_size=SHARD_READ_ROWS, columns=columns):
+                lo, hi = np.searchsorted(wanted, [first, first + batch.num_rows])
+                if hi > lo:
+                    local, into = wanted[lo:hi] - first, torch.from_numpy(order[lo:hi])
+                    part = self._examples(batch, local, flips[order[lo:hi]], source)
+                    if examples is None:
+                        examples = torch.empty((len(rows), *part.shape[1:]), dtype=torch.float32)
+                    examples[into] = part
+                    labels[into] = torch.from_numpy(batch.column("label").to_numpy()[local].astype(np.int64))
+                first += batch.num_rows
+        if examples is None or hi < len(rows):
+            raise ValueError(f"{source}: asked for rows up to {int(rows.max()) if len(rows) else 0} of a shard of {first} rows")
+        return examples, labels
+
+    def _examples(self, batch: Any, local: np.ndarray, flips: np.ndarray, source: str) -> Tensor:
+        if self.name == "latents":
+            examples = torch.from_numpy(_latent_view(batch, "latent", self.latent_shape)[local])  # a copy of these rows only
+            if flips.any():
+                examples[torch.from_numpy(flips)] = torch.from_numpy(_latent_view(batch, LATENT_FLIPPED_COLUMN, self.latent_shape)[local[flips]])
+            return examples
+        column = batch.column("image")
+        encoded = [column[int(i)].as_py() for i in local]
+        encoded = [item["bytes"] if isinstance(item, dict) else item for item in encoded]
+        examples = _decode_images(encoded, self.image_size, source, self.mode)
+        if flips.any():
+            examples[torch.from_numpy(flips)] = examples[torch.from_numpy(flips)].flip(-1)
+        return examples
+
+
+def open_shards(name: str, *, path: str | None, image_size: int | None = None, limit: int | None = None) -> ShardSet:
+    """The shards of a parquet or latents dataset, with their row counts (read from each file's
+    footer and label column, concurrently: a few small reads per shard) and the class count."""
+    _check_limit(limit)
+    if name == "latents":
+        if image_size is not None:
+            raise ValueError("dataset 'latents' takes no image_size: latents keep the size they were encoded at")
+        _, root, parameters = _latent_parameters(path)
+        total, size = parameters["num_images"], parameters["shard_size"]
+        files = [f"{root}/{LATENT_SHARD.format(k)}.parquet" for k in range(parameters["num_shards"])]
+        sizes = np.array([min(size, total - k * size) for k in range(len(files))], dtype=np.int64)
+        shards = ShardSet(
+            "latents", path, files, sizes, parameters["num_classes"],  # type: ignore[arg-type]
+            latent_shape=tuple(parameters["latent_shape"]), flipped_copies=bool(parameters.get("horizontal_flip", False)),
+        )
+    elif name == "parquet":
+        if path is None:
+            raise ValueError("dataset 'parquet' needs path= a parquet file or a directory of parquet shards")
+        from concurrent.futures import ThreadPoolExecutor
+
+        import pyarrow.parquet as pq
+
+        filesystem, files = _parquet_files(path)
+
+        def labels_of(file: str) -> np.ndarray:
+            with filesystem.open(file, "rb") as handle:
+                return pq.read_table(handle, columns=["label"]).column("label").to_numpy()
+
+        try:
+            with ThreadPoolExecutor(max_workers=min(16, len(files))) as pool:
+                labels = list(pool.map(labels_of, files))
+        except KeyError as error:
+            raise ValueError(f"parquet data at {path!r} lacks a label column: {error}") from None
+        sizes = np.array([len(part) for part in labels], dtype=np.int64)
+        if sizes.sum() == 0:
+            raise ValueError(f"parquet data at {path!r} has no rows")
+        shards = ShardSet("parquet", path, files, sizes, int(max(int(part.max()) for part in labels if len(part))) + 1, image_size=image_size)
+        first = shards.read(0, np.array([0]))[0] if sizes[0] else None
+        shards.mode = "L" if first is None or first.shape[1] == 1 else "RGB"
+    else:
+        raise ValueError(f"dataset {name!r} is not sharded; only parquet and latents are read shard by shard")
+    if limit is not None and limit < len(shards):
+        ends = np.cumsum(shards.sizes)
+        keep = int(np.searchsorted(ends, limit)) + 1
+        shards.files = shards.files[:keep]
+        shards.sizes = shards.sizes[:keep].copy()
+        shards.sizes[-1] -= int(ends[keep - 1]) - limit
+    return shards

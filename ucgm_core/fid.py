@@ -13,6 +13,9 @@ and the Fréchet distance of N(mu1, S1) and N(mu2, S2) is
 
     d^2 = |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^{1/2}).
 
+It needs only (mu, Sigma), a `GaussianStatistics`: what `FeatureStatistics.gaussian()` gives, and
+what published reference files hold (arrays `mu`, `sigma`; see `GaussianStatistics`).
+
 This is "FID" only when the features are the 2048-d pool features of the TF-ported Inception-v3;
 with any other extractor it is a Fréchet distance in that extractor's feature space, and results
 should name the extractor (see `ucgm_core.features.FeatureExtractor.identifier`).
@@ -23,6 +26,8 @@ Example::
     for batch in shards:
         stats = stats + FeatureStatistics.from_features(extractor(batch))
     distance = frechet_distance_from_statistics(stats, reference_stats)
+    # or against a published reference (mu, sigma), e.g. the ADM evaluator's ImageNet-256 batch
+    distance = frechet_distance_from_statistics(stats, GaussianStatistics.load("VIRTUAL_imagenet256_labeled.npz"))
 """
 
 from __future__ import annotations
@@ -133,6 +138,10 @@ class FeatureStatistics:
         covariance = (self.outer_sum - self.count * np.outer(mu, mu)) / (self.count - 1)
         return 0.5 * (covariance + covariance.T)
 
+    def gaussian(self) -> GaussianStatistics:
+        """(mu, Sigma) of the Gaussian fitted to these features (the unbiased covariance)."""
+        return GaussianStatistics(self.mean(), self.covariance())
+
     def save(self, file: str | os.PathLike | IO[bytes]) -> None:
         """Write as .npz to a path or a writable binary file object (e.g. an fsspec file)."""
         if isinstance(file, (str, os.PathLike)):
@@ -158,6 +167,57 @@ class FeatureStatistics:
             if missing:
                 raise ValueError(f"not a FeatureStatistics file: missing arrays {sorted(missing)}")
             return cls(int(data["count"]), data["feature_sum"], data["outer_sum"])
+
+
+@dataclass
+class GaussianStatistics:
+    """Mean mu (D,) and covariance Sigma (D, D) of a set of features, float64: all a Fréchet
+    distance needs, but no longer mergeable (the count is gone).
+
+    Published reference statistics come in this form: the ADM (guided-diffusion) evaluator's
+    `VIRTUAL_imagenet256_labeled.npz`, pytorch-fid's and clean-fid's `.npz` files hold arrays `mu`
+    and `sigma` with sigma = np.cov(features, rowvar=False), the unbiased normalisation by N - 1.
+    That is `FeatureStatistics.covariance`'s convention too, so for the same features
+    `FeatureStatistics.from_features(f).gaussian()` and such a file agree to round-off.
+    """
+
+    mean: np.ndarray
+    covariance: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.mean = np.asarray(self.mean, dtype=np.float64)
+        self.covariance = np.asarray(self.covariance, dtype=np.float64)
+        if self.mean.ndim != 1:
+            raise ValueError(f"mean (mu) must have shape (D,), got {self.mean.shape}")
+        dim = self.mean.shape[0]
+        if self.covariance.shape != (dim, dim):
+            raise ValueError(f"covariance (sigma) must have shape ({dim}, {dim}) to match the mean, got {self.covariance.shape}")
+
+    @property
+    def dim(self) -> int:
+        """Feature dimension D."""
+        return int(self.mean.shape[0])
+
+    @classmethod
+    def load(cls, file: str | os.PathLike | IO[bytes]) -> GaussianStatistics:
+        """Read the arrays `mu` and `sigma` of an .npz (a path or a readable, seekable binary file
+        object); its other arrays (the ADM file's `arr_0` of images) are not read."""
+        if isinstance(file, (str, os.PathLike)):
+            with open(file, "rb") as handle:
+                return cls.load(handle)
+        with np.load(file, allow_pickle=False) as data:
+            missing = {"mu", "sigma"} - set(data.files)
+            if missing:
+                raise ValueError(f"not a mu/sigma statistics file: missing arrays {sorted(missing)} (has {sorted(data.files)})")
+            return cls(data["mu"], data["sigma"])
+
+
+def _gaussian(statistics: FeatureStatistics | GaussianStatistics) -> GaussianStatistics:
+    if isinstance(statistics, FeatureStatistics):
+        return statistics.gaussian()
+    if isinstance(statistics, GaussianStatistics):
+        return statistics
+    raise TypeError(f"expected FeatureStatistics or GaussianStatistics, got {type(statistics).__name__}")
 
 
 def _symmetric_psd_sqrt(matrix: np.ndarray) -> np.ndarray:
@@ -207,8 +267,12 @@ def frechet_distance(mean1: ArrayLike, cov1: ArrayLike, mean2: ArrayLike, cov2: 
     return float(difference @ difference + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt_product)
 
 
-def frechet_distance_from_statistics(first: FeatureStatistics, second: FeatureStatistics) -> float:
-    """Fréchet distance between the Gaussians fitted to two sets of feature statistics."""
+def frechet_distance_from_statistics(
+    first: FeatureStatistics | GaussianStatistics, second: FeatureStatistics | GaussianStatistics
+) -> float:
+    """Fréchet distance between the Gaussians of two sets of feature statistics, each given as
+    sums (`FeatureStatistics`) or as (mu, Sigma) (`GaussianStatistics`, e.g. a published reference)."""
     if first.dim != second.dim:
         raise ValueError(f"statistics have different feature dimensions: {first.dim} and {second.dim}")
-    return frechet_distance(first.mean(), first.covariance(), second.mean(), second.covariance())
+    first, second = _gaussian(first), _gaussian(second)
+    return frechet_distance(first.mean, first.covariance, second.mean, second.covariance)

@@ -7,7 +7,9 @@ them on a pool of actors and writes shard k with images [k * shard_size, (k + 1)
     encoding.json           what was encoded (data, VAE path and weights sha256, scaling and shift
                             factors, latent shape, image count, classes); a re-run with other
                             parameters is refused instead of mixing two sets
-    shard-00000.parquet     columns index, label, latent (C*H*W float32, already scaled)
+    shard-00000.parquet     columns index, label, latent (C*H*W float32, already scaled); with
+                            encode.horizontal_flip also latent_flipped, the latents of the images
+                            flipped left-right (for data.horizontal_flip, as ImageNet pipelines do)
     shard-00000.done        the shard's manifest, written last: a shard counts as finished only
                             when it exists
 
@@ -37,7 +39,7 @@ from orchestrator.actor_pools import actor_device, connect_for_pool, pool_resour
 from orchestrator.shard_folders import ShardActor, check_parameters, finished_shards, mark_done, shard_span, write_parquet, write_shards
 from orchestrator.encode.vae import VaeShape, encode, fetch_vae, load_vae
 from orchestrator.summary import VerbSummary
-from ucgm_core.datasets import LATENT_PARAMETERS_FILE, LATENT_SHARD, ImageSource, open_image_source
+from ucgm_core.datasets import LATENT_FLIPPED_COLUMN, LATENT_PARAMETERS_FILE, LATENT_SHARD, ImageSource, open_image_source
 
 logger = logging.getLogger(__name__)
 
@@ -79,31 +81,39 @@ class LatentShardWriter(ShardActor):
     def write_shard(self, shard: int) -> int:
         plan = self.plan
         first, last = shard_span(shard, plan["shard_size"], plan["num_images"])
-        latents = []
+        latents, flipped = [], []
         for start in range(first, last, plan["batch_size"]):
             indices = list(range(start, min(start + plan["batch_size"], last)))
             images = self.source.read(indices).to(self.device)
             seeds = [plan["seed"] + i for i in indices] if plan["latent"] == "sample" else None
             latents.append(encode(self.vae, images, self.shape, sample_seeds=seeds).cpu().numpy())
+            if plan["horizontal_flip"]:  # the latents of the flipped images (a flipped latent is not one)
+                flipped.append(encode(self.vae, images.flip(-1), self.shape, sample_seeds=seeds).cpu().numpy())
         stacked = np.concatenate(latents)
-        _write_shard(storage.join(self.out, f"{LATENT_SHARD.format(shard)}.parquet"), first, self.source.labels[first:last], stacked)
+        _write_shard(
+            storage.join(self.out, f"{LATENT_SHARD.format(shard)}.parquet"), first, self.source.labels[first:last], stacked,
+            np.concatenate(flipped) if flipped else None,
+        )
         mark_done(self.out, shard, {"first_index": first, "count": last - first, "latent_shape": list(stacked.shape[1:])})
         return last - first
 
 
-def _write_shard(path: str, first: int, labels: np.ndarray, latents: np.ndarray) -> None:
+def _write_shard(path: str, first: int, labels: np.ndarray, latents: np.ndarray, flipped: np.ndarray | None = None) -> None:
     import pyarrow as pa
 
     count, size = latents.shape[0], int(np.prod(latents.shape[1:]))
-    flat = pa.array(latents.reshape(-1).astype(np.float32, copy=False), pa.float32())
-    write_parquet(
-        path,
-        {
-            "index": pa.array(np.arange(first, first + count), pa.int64()),
-            "label": pa.array(np.asarray(labels, dtype=np.int64), pa.int64()),
-            "latent": pa.FixedSizeListArray.from_arrays(flat, size),
-        },
-    )
+
+    def column(values: np.ndarray) -> pa.Array:
+        return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1).astype(np.float32, copy=False), pa.float32()), size)
+
+    columns = {
+        "index": pa.array(np.arange(first, first + count), pa.int64()),
+        "label": pa.array(np.asarray(labels, dtype=np.int64), pa.int64()),
+        "latent": column(latents),
+    }
+    if flipped is not None:
+        columns[LATENT_FLIPPED_COLUMN] = column(flipped)
+    write_parquet(path, columns)
 
 
 @dataclass
@@ -159,6 +169,8 @@ def run_encode(config: JobConfig) -> EncodeSummary:
         "shard_size": settings.shard_size,
         "num_shards": num_shards,
     }
+    if settings.horizontal_flip:  # only when set, so folders encoded before the key existed still resume
+        parameters["horizontal_flip"] = True
     check_parameters(out, LATENT_PARAMETERS_FILE, parameters, error=EncodingMismatchError, holds="latents encoded", fix="encode.out")
     pending = [shard for shard in range(num_shards) if shard not in finished_shards(out)]
     logger.info(
@@ -169,7 +181,10 @@ def run_encode(config: JobConfig) -> EncodeSummary:
     if pending:
         connect_for_pool(config, settings.num_actors * settings.cpus_per_actor, section="encode")
         resources = pool_resources(settings.num_actors, settings.cpus_per_actor, settings.gpus_per_actor, "encode")
-        plan = {"num_images": num_images, "shard_size": settings.shard_size, "batch_size": settings.batch_size, "seed": config.seed, "latent": settings.latent}
+        plan = {
+            "num_images": num_images, "shard_size": settings.shard_size, "batch_size": settings.batch_size, "seed": config.seed,
+            "latent": settings.latent, "horizontal_flip": settings.horizontal_flip,
+        }
         arguments = {"vae": settings.vae, "sha256": sha256, "shape": shape, "source": [ray.put(source)], "out": out, "plan": plan}
         written = write_shards(LatentShardWriter, pending, arguments, resources, "encode")
     seconds = time.perf_counter() - started

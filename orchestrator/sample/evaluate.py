@@ -17,9 +17,12 @@ size, so larger batches mean less traffic. The results go to <run_dir>/evaluatio
 the distance per setting as metrics, the table vs NFE as CSV and PNG, a sample grid per setting,
 and the extractor's name and weights hash as tags.
 
-reference: the statistics of a dataset split, computed once in one process and stored as a small
-.npz next to the data (local or S3), with the extractor's identifier; `evaluate` refuses a
-reference computed in another feature space.
+reference: the statistics of a dataset split, computed once on an actor pool of the same shape
+(each actor reads its own blocks of images; the driver adds their float64 sums) and stored as a
+small .npz next to the data (local or S3), with the extractor's identifier; `evaluate` refuses a
+reference computed in another feature space. A published mu/sigma file (the ADM evaluator's
+ImageNet batch) serves as the reference too, its feature space declared by
+evaluation.reference_extractor (orchestrator.sample.reference).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from orchestrator.actor_pools import actor_device, actor_resources, connect_for_
 from orchestrator.sample.decoder import DecoderSpec, decoder_spec
 from orchestrator.sample.extractors import ExtractorSpec, extractor_spec
 from orchestrator.sample.model_files import ActorModel, model_file_path, read_model_file
-from orchestrator.sample.reference import load_reference, reference_path
+from orchestrator.sample.reference import job_reference, reference_path
 from orchestrator.sample.sampler_grid import describe_settings, grid_settings
 from orchestrator.tracking import open_tracker
 from orchestrator.summary import VerbSummary
@@ -191,9 +194,11 @@ def run_evaluate(config: JobConfig) -> EvaluateSummary:
         image_shape = decoder.image_shape(image_shape)
     spec = extractor_spec(config, image_shape)
     # the reference is checked before the cluster spends anything: build the extractor here for
-    # its identifier (cheap: the weights file is read, nothing is run)
-    identifier = spec.build("cpu").identifier()
-    reference = load_reference(reference_path(config), identifier)
+    # its identifier and dimension (cheap: the weights file is read, nothing is run)
+    extractor = spec.build("cpu")
+    identifier = extractor.identifier()
+    reference = job_reference(config, extractor)  # our sums, or published mu/sigma
+    del extractor
     metric = "fid" if is_fid_extractor(spec.name) else "frechet_distance"
     model_file = model_file_path(config)
     num_classes = contents.num_classes

@@ -29,19 +29,18 @@ import torch
 
 from orchestrator import storage
 from orchestrator.train import pretrained
-from orchestrator.train.batches import BatchSchedule, step_generator
+from orchestrator.train.batches import step_generator
+from orchestrator.train.inputs import TrainingInput, open_training_input
 from orchestrator.stopping import NoStop, StopCheck
 from orchestrator.config import JobConfig
-from orchestrator.errors import ConfigError
 from orchestrator.image_grid import grid_png
 from orchestrator.tracking import NullTracker, Tracker, open_tracker
 from orchestrator.summary import VerbSummary
-from ucgm_core.datasets import ImageDataset, load_dataset
 from ucgm_core.dit import DiT, build_dit
 from ucgm_core.ema import ModelEMA, TargetNetwork
-from ucgm_core.evaluation import balanced_labels, dataset_statistics, generate, sample_statistics
+from ucgm_core.evaluation import balanced_labels, generate, sample_statistics
 from ucgm_core.features import DigitClassifierFeatures
-from ucgm_core.fid import frechet_distance_from_statistics
+from ucgm_core.fid import FeatureStatistics, frechet_distance_from_statistics
 from ucgm_core.model_file import model_file_bytes
 from ucgm_core.systems import build_objective
 from ucgm_core.transports import build_transport
@@ -69,16 +68,10 @@ class TrainingRun:
         self.autocast_dtype = resolve_precision(config.train.precision, device)
         torch.manual_seed(config.seed)  # the same initial weights on every rank
 
-        try:
-            self.dataset: ImageDataset = load_dataset(
-                config.data.name, path=config.data.path, image_size=config.data.image_size, limit=config.data.limit
-            )
-        except (ValueError, FileNotFoundError) as error:
-            # what only reading the data shows (a folder without images, images of mixed sizes) is
-            # the job's fault: a JobError, which a Ray Train worker does not retry (worker_errors)
-            raise ConfigError.of_job([f"data: {error}"]) from None
-        channels, size, _ = self.dataset.image_shape
-        shape = {"input_size": size, "in_channels": channels, "num_classes": self.dataset.num_classes}
+        self.input: TrainingInput = open_training_input(config, rank=rank, world_size=world_size)
+        self.num_classes = self.input.num_classes
+        channels, size, _ = self.input.image_shape
+        shape = {"input_size": size, "in_channels": channels, "num_classes": self.num_classes}
         self.model: DiT = build_dit(config.model, **shape)
         if config.train.initialize_from:
             # before the EMA and the target network copy the weights: a frozen theta- is this start
@@ -97,13 +90,12 @@ class TrainingRun:
         self.target: TargetNetwork | None = (
             self.objective.create_target_network(self.model) if self.objective.needs_target_network else None
         )
-        self.schedule = BatchSchedule(len(self.dataset), config.train.batch_size, config.seed)
         self.accumulation_steps = config.train.gradient_accumulation_steps
         self.step = 0
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        return tuple(self.dataset.image_shape)
+        return tuple(self.input.image_shape)  # type: ignore[return-value]
 
     @property
     def num_chunks(self) -> int:
@@ -116,14 +108,14 @@ class TrainingRun:
         """The objective on this rank's micro-batch `micro_step` of step `step` (forward only).
         `network` is the module to train through (the DeepSpeed engine under DeepSpeed)."""
         chunk = self.chunk(micro_step)
-        indices = self.schedule.chunk_indices(step, chunk, self.num_chunks)
-        images = self.dataset.images[indices].to(self.device, non_blocking=True)
-        labels = self.dataset.labels[indices].to(self.device, non_blocking=True)
+        images, labels = self.input.batch(step, chunk, self.num_chunks)
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
         generator = step_generator(self.config.seed, step, chunk, self.device)
         target = self.target.module(self.model) if self.target is not None else None
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
             output = self.objective(
-                network, target, images, labels, generator=generator, num_classes=self.dataset.num_classes, step=step
+                network, target, images, labels, generator=generator, num_classes=self.num_classes, step=step
             )
         return output.loss, output.metrics
 
@@ -147,7 +139,7 @@ class TrainingRun:
             settings=self.config.model,
             input_size=size,
             in_channels=channels,
-            num_classes=self.dataset.num_classes,
+            num_classes=self.num_classes,
             transport=self.config.transport,
             sampler=self.config.sampler,
             metadata=metadata,
@@ -191,7 +183,9 @@ class QualityScorer:
         # sklearn's 8x8 digits fill their frame; MNIST digits sit in a 20x20 box (README, "Scores")
         framing = "mnist_box" if run.image_shape[-1] < 20 else "stretch"
         self.extractor = DigitClassifierFeatures(framing=framing, device=run.device)
-        self.reference = dataset_statistics(run.dataset.images.to(run.device), self.extractor, run.config.evaluation.batch_size)
+        self.reference = FeatureStatistics.empty(self.extractor.feature_dim)
+        for images in run.input.reference_batches(run.config.evaluation.batch_size):
+            self.reference = self.reference.merge(FeatureStatistics.from_features(self.extractor(images.to(run.device))))
 
     def score(self, network: torch.nn.Module, num_samples: int | None = None) -> float:
         """On `num_samples` samples (default evaluation.num_samples)."""
@@ -202,7 +196,7 @@ class QualityScorer:
             run.config.sampler,
             self.extractor,
             num_samples=num_samples or evaluation.num_samples,
-            num_classes=run.dataset.num_classes,
+            num_classes=run.num_classes,
             image_shape=run.image_shape,
             batch_size=evaluation.batch_size,
             seed=run.config.seed,
@@ -265,6 +259,8 @@ class IntervalLog:
             "grad_norm": grad_norm,
             "learning_rate": self.optimization.learning_rate(),
             "images_per_second": self.steps * train.batch_size / max(elapsed, 1e-9),
+            # the share of the interval this rank waited for its examples (streamed shards not yet read)
+            "data_stall_share": self.optimization.mean_over_ranks(self.run.input.take_wait_seconds() / max(elapsed, 1e-9)),
         }
         self.last_loss = record["loss"]
         if self.run.rank == 0:
@@ -284,7 +280,7 @@ class IntervalLog:
 def write_sample_grid(run: TrainingRun, tracker: Tracker, name: str) -> None:
     evaluation = run.config.evaluation
     count = evaluation.grid_size**2
-    labels = balanced_labels(count, run.dataset.num_classes)
+    labels = balanced_labels(count, run.num_classes)
     images = generate(run.ema.module, run.transport, run.config.sampler, list(range(count)), labels, run.image_shape, run.device)
     png = grid_png(images, columns=evaluation.grid_size)
     storage.write_bytes(storage.join(run.config.run_dir, "samples", f"{name}.png"), png)
@@ -382,6 +378,8 @@ def train_loop(
     except BaseException:
         tracker.finish("FAILED")
         raise
+    finally:
+        run.input.close()
 
     summary = None
     if is_main:
