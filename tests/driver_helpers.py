@@ -33,3 +33,34 @@ def stopped_by_a_signal(command: list[str], metrics: Path, after_step: int, numb
         stderr = log.read()
     assert sent, f"the run ended before step {after_step} was logged (exit {process.returncode}):\n{stderr[-3000:]}"
     return process.returncode, stderr
+
+
+_TRAIN_MEASURING_RSS = r"""
+import json, sys
+from orchestrator.config import load_job
+from orchestrator.train.run import run_train
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+
+config = load_job(sys.argv[1], sys.argv[2:])
+before = status("VmRSS:")
+summary = run_train(config)
+print(json.dumps({"before": before, "peak": status("VmHWM:"), "run_dir": summary.run_dir, "seconds": summary.seconds}))
+"""
+
+
+def train_measuring_rss(spec: str | Path, overrides: list[str], cwd: Path) -> dict:
+    """`run_train` of the job in a process of its own: its RSS once the orchestrator is imported
+    ("before"), its peak RSS (VmHWM, "peak"), both in bytes, and the summary's run_dir and seconds."""
+    import os
+
+    done = subprocess.run(
+        [sys.executable, "-c", _TRAIN_MEASURING_RSS, str(spec), *overrides],
+        cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=1800, check=False,
+    )
+    if done.returncode:
+        raise RuntimeError(f"training exited {done.returncode}:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])

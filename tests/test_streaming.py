@@ -5,9 +5,6 @@ resume mid-epoch, the same loss curve, flipped latent copies, a bounded peak RSS
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +12,7 @@ import pytest
 import torch
 
 from data_helpers import write_digit_shards, write_latent_folder
+from driver_helpers import train_measuring_rss
 from orchestrator.cli import main
 from orchestrator.config import load_job
 from orchestrator.errors import ConfigError
@@ -91,6 +89,16 @@ def test_streamed_batches_equal_the_in_memory_batches_at_every_worker_count_with
     mirrored = (flipped != unflipped).flatten(1).any(1)
     assert 10 < int(mirrored.sum()) < 30
     torch.testing.assert_close(flipped[mirrored], unflipped[mirrored].flip(-1))
+
+
+def test_a_limit_cuts_the_streamed_shards_where_it_cuts_the_rows_held_in_memory(digit_shards):
+    overrides = ["data.shuffle_window=2", "data.limit=300", "train.batch_size=50"]  # 300 rows: 3 shards and a half
+    streamed = open_training_input(_job(digit_shards, *overrides, "data.streaming=true"))
+    memory = open_training_input(_job(digit_shards, *overrides))
+    assert list(streamed.shards.sizes) == [86, 86, 86, 42] and len(memory.dataset) == 300
+    for step in range(14):  # more than two epochs of 6 steps
+        assert all(torch.equal(a, b) for a, b in zip(streamed.batch(step, 0, 1), memory.batch(step, 0, 1)))
+    streamed.close()
 
 
 def test_a_streaming_input_opened_mid_epoch_at_another_worker_count_serves_the_uninterrupted_batches(digit_shards):
@@ -184,31 +192,9 @@ def test_streaming_and_in_memory_training_give_the_same_loss_curve_and_a_resume_
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in memory], rel=1e-6)
 
 
-RSS_SCRIPT = r"""
-import json, sys
-from orchestrator.config import load_job
-from orchestrator.train.run import run_train
-
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key):
-            return int(line.split()[1]) * 1024
-
-config = load_job(sys.argv[1], sys.argv[2:])
-before = status("VmRSS:")
-run_train(config)
-print(json.dumps({"before": before, "peak": status("VmHWM:")}))
-"""
-
-
 def _peak_rss(tmp: Path, spec: str, *overrides: str) -> int:
     """Peak RSS of a training process above its RSS after imports, in bytes."""
-    environment = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(
-        [sys.executable, "-c", RSS_SCRIPT, spec, *overrides], cwd=tmp, env=environment, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = train_measuring_rss(spec, list(overrides), tmp)
     return result["peak"] - result["before"]
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -33,32 +32,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from data_helpers import write_latent_folder  # noqa: E402
-
-RUN = r"""
-import json, sys
-from orchestrator.config import load_job
-from orchestrator.train.run import run_train
-
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key):
-            return int(line.split()[1]) * 1024
-
-config = load_job(sys.argv[1], sys.argv[2:])
-before = status("VmRSS:")
-summary = run_train(config)
-print(json.dumps({"before": before, "peak": status("VmHWM:"), "run_dir": summary.run_dir, "seconds": summary.seconds}))
-"""
-
+from driver_helpers import train_measuring_rss  # noqa: E402
 
 def run(tmp: Path, overrides: list[str]) -> dict[str, float]:
-    done = subprocess.run(
-        [sys.executable, "-c", RUN, str(ROOT / "jobs/digits.yaml"), *overrides],
-        cwd=tmp, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, check=False,
-    )
-    if done.returncode:
-        raise RuntimeError(done.stderr[-4000:])
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = train_measuring_rss(ROOT / "jobs/digits.yaml", overrides, tmp)
     records = [json.loads(line) for line in (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     later = records[1:] or records
     return {
