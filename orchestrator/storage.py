@@ -121,6 +121,17 @@ def open_file(path: str, mode: str = "rb") -> Iterator[IO]:
         yield handle
 
 
+def sha256(path: str) -> str:
+    """The sha256 of a file (local or s3://), read in 4 MiB blocks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open_file(path) as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def write_bytes(path: str, data: bytes) -> None:
     """Write a whole file at once; written to a sibling name and then moved on local disks, so a
     reader never sees half a file."""

@@ -174,6 +174,26 @@ def test_evaluate_writes_table_plot_grids_and_names_the_extractor(evaluation_job
     assert set(one_actor.stage_seconds) == {"sampling", "features", "statistics"}
 
 
+def test_every_score_carries_the_fingerprint_of_what_it_was_measured_with(evaluation_job, one_actor):
+    import hashlib
+
+    from mlflow.tracking import MlflowClient
+
+    config, _, reference = evaluation_job
+    fingerprint = one_actor.fingerprint
+    assert fingerprint["reference_sha256"] == hashlib.sha256(open(reference.path, "rb").read()).hexdigest()
+    assert (fingerprint["reference_kind"], fingerprint["reference_count"]) == ("sums", 300)
+    assert fingerprint["model_file_sha256"] == hashlib.sha256(open(config.evaluation.model_file, "rb").read()).hexdigest()
+    assert len(fingerprint["extractor_weights_sha256"]) == 64 and fingerprint["extractor_weights_sha256"] in fingerprint["extractor"]
+    assert (fingerprint["num_samples"], fingerprint["num_classes"]) == (90, 10)
+    assert "class-balanced" in fingerprint["label_sampling"] and f"seed {config.seed} + i" in fingerprint["seeds"]
+    rows = list(csv.DictReader(io.StringIO((open(f"{one_actor.output_dir}/frechet_distance_vs_nfe.csv").read()))))
+    assert all(row["fingerprint.reference_sha256"] == fingerprint["reference_sha256"] for row in rows)
+    tags = MlflowClient(tracking_uri=config.tracking.tracking_uri).get_run(one_actor.mlflow_run_id).data.tags
+    assert tags["fingerprint.model_file_sha256"] == fingerprint["model_file_sha256"]
+    assert tags["fingerprint.reference_count"] == "300" and tags["fingerprint.label_sampling"] == fingerprint["label_sampling"]
+
+
 def test_evaluate_refuses_a_reference_from_another_feature_space_before_starting(evaluation_job, tmp_path):
     config, overrides, reference = evaluation_job
     other = str(tmp_path / "other.npz")

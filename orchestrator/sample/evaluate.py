@@ -44,6 +44,7 @@ from orchestrator.image_grid import grid_png
 from orchestrator.actor_pools import actor_device, actor_resources, connect_for_pool
 from orchestrator.sample.decoder import DecoderSpec, decoder_spec
 from orchestrator.sample.extractors import ExtractorSpec, extractor_spec
+from orchestrator.sample.fingerprint import EvaluationFingerprint, evaluation_fingerprint, weights_sha256
 from orchestrator.sample.model_files import ActorModel, model_file_path, read_model_file
 from orchestrator.sample.reference import job_reference, reference_path
 from orchestrator.sample.sampler_grid import describe_settings, grid_settings
@@ -178,6 +179,7 @@ class EvaluateSummary(VerbSummary):
     stage_seconds: dict[str, float]  # actor seconds (summed over actors) per stage
     output_dir: str
     mlflow_run_id: str | None
+    fingerprint: dict[str, Any] = dataclasses.field(default_factory=dict)  # what the scores were measured with (fingerprint.py)
 
 
 def run_evaluate(config: JobConfig) -> EvaluateSummary:
@@ -203,6 +205,10 @@ def run_evaluate(config: JobConfig) -> EvaluateSummary:
     model_file = model_file_path(config)
     num_classes = contents.num_classes
     del contents
+    fingerprint = evaluation_fingerprint(
+        identifier=identifier, reference_path=reference_path(config), reference_count=getattr(reference, "count", None),
+        model_bytes=model_bytes, num_samples=evaluation.num_samples, num_classes=num_classes, seed=config.seed,
+    )
 
     connect_for_pool(config)
     resources = actor_resources(config)
@@ -275,6 +281,7 @@ def run_evaluate(config: JobConfig) -> EvaluateSummary:
         stage_seconds={k: round(v, 3) for k, v in stage_seconds.items()},
         output_dir=storage.join(config.run_dir, "evaluation"),
         mlflow_run_id=None,
+        fingerprint=dataclasses.asdict(fingerprint),
     )
     for result in results:
         label = "FID" if metric == "fid" else f"Frechet distance in {spec.name} feature space (not FID)"
@@ -287,9 +294,13 @@ def _table_csv(summary: EvaluateSummary) -> bytes:
     buffer = io.StringIO()
     fields = [f.name for f in dataclasses.fields(SamplerSettings)]
     writer = csv.writer(buffer)
-    writer.writerow(["setting", "nfe", summary.metric, "num_samples", *fields, "extractor"])
+    columns = EvaluationFingerprint(**summary.fingerprint).columns() if summary.fingerprint else {}
+    writer.writerow(["setting", "nfe", summary.metric, "num_samples", *fields, "extractor", *columns])
     for result in sorted(summary.results, key=lambda r: r.nfe):
-        writer.writerow([result.setting, result.nfe, repr(result.distance), result.count, *(result.sampler[f] for f in fields), summary.extractor])
+        writer.writerow([
+            result.setting, result.nfe, repr(result.distance), result.count, *(result.sampler[f] for f in fields), summary.extractor,
+            *columns.values(),
+        ])
     return buffer.getvalue().encode()
 
 
@@ -325,16 +336,16 @@ def _write_outputs(config: JobConfig, summary: EvaluateSummary, spec: ExtractorS
     )
     try:
         tracker.log_params(config.to_flat_dict())
-        sha = summary.extractor.split("weights_sha256=", 1)[1].split(",", 1)[0] if "weights_sha256=" in summary.extractor else ""
         tracker.set_tags(
             {
                 "verb": "evaluate",
                 "feature_extractor": spec.name,
                 "feature_extractor_identifier": summary.extractor,
-                "feature_extractor_weights_sha256": sha,
+                "feature_extractor_weights_sha256": weights_sha256(summary.extractor),
                 "metric": summary.metric,
                 "model_file": summary.model_file,
                 "reference": summary.reference,
+                **EvaluationFingerprint(**summary.fingerprint).tags(),
             }
         )
         for result in summary.results:
