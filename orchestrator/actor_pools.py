@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from orchestrator import cluster
@@ -83,3 +84,11 @@ def actor_device(cpus: float) -> torch.device:
         return torch.device("cuda")
     torch.set_num_threads(max(1, int(cpus)))
     return torch.device("cpu")
+
+
+def object_column(arrays: list[np.ndarray]) -> np.ndarray:
+    """A column of one array per row, whatever their lengths, for a Ray Data batch an actor returns
+    (np.asarray would try to stack equal-length ones into one array)."""
+    column = np.empty(len(arrays), dtype=object)
+    column[:] = arrays
+    return column

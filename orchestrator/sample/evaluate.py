@@ -41,18 +41,19 @@ import torch
 from orchestrator import storage
 from orchestrator.config import JobConfig
 from orchestrator.image_grid import grid_png
-from orchestrator.actor_pools import actor_device, actor_resources, connect_for_pool
+from orchestrator.actor_pools import actor_device, actor_resources, connect_for_pool, object_column
 from orchestrator.sample.decoder import DecoderSpec, decoder_spec
 from orchestrator.sample.extractors import ExtractorSpec, extractor_spec
 from orchestrator.sample.fingerprint import EvaluationFingerprint, evaluation_fingerprint, weights_sha256
 from orchestrator.sample.model_files import ActorModel, model_file_path, read_model_file
-from orchestrator.sample.reference import job_reference, reference_path
+from orchestrator.sample.reference import job_reference, load_reference_subset, reference_path
 from orchestrator.sample.sampler_grid import describe_settings, grid_settings
 from orchestrator.tracking import open_tracker
 from orchestrator.summary import VerbSummary
 from ucgm_core.evaluation import StageTimer, generate
 from ucgm_core.features import is_fid_extractor, quantize_to_uint8
 from ucgm_core.fid import FeatureStatistics, frechet_distance_from_statistics
+from ucgm_core.precision_recall import precision_recall
 from ucgm_core.sampler import SamplerSettings, count_network_evaluations
 
 logger = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ class SampleStatistics:
         grid_count: int,
         cpus: float,
         decoder: DecoderSpec | None = None,
+        subset_count: int = 0,
     ):
         self.device = actor_device(cpus)
         loaded = ActorModel(model, self.device)
@@ -100,13 +102,17 @@ class SampleStatistics:
         self.settings = [SamplerSettings(**s) for s in settings]
         self.extractor = extractor.build(self.device)
         self.grid_count = grid_count
+        self.subset_count = subset_count  # samples 0..subset_count-1 also return their features (precision/recall)
         self.decode = decoder.build(self.device) if decoder is not None else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         seeds = [int(s) for s in batch["seed"]]
         labels = torch.tensor(batch["label"], dtype=torch.long)
         in_grid = batch["index"] < self.grid_count
-        rows: dict[str, list[Any]] = {key: [] for key in ("setting", "count", "feature_sum", "outer_sum", "grid", *STAGES)}
+        in_subset = batch["index"] < self.subset_count
+        rows: dict[str, list[Any]] = {
+            key: [] for key in ("setting", "count", "feature_sum", "outer_sum", "grid", "subset_index", "subset_features", *STAGES)
+        }
         for number, settings in enumerate(self.settings):
             timer = StageTimer(self.device)
             with timer("sampling"):
@@ -122,6 +128,8 @@ class SampleStatistics:
             rows["feature_sum"].append(statistics.feature_sum)
             rows["outer_sum"].append(statistics.outer_sum)
             rows["grid"].append(_grid_bytes(batch["index"][in_grid], images[torch.from_numpy(in_grid).to(images.device)]) if in_grid.any() else b"")
+            rows["subset_index"].append(batch["index"][in_subset].astype(np.int64))
+            rows["subset_features"].append(features[torch.from_numpy(in_subset).to(features.device)].float().cpu().numpy())
             for stage in STAGES:
                 rows[stage].append(timer.seconds[stage])
         return {
@@ -130,6 +138,8 @@ class SampleStatistics:
             "feature_sum": np.stack(rows["feature_sum"]),
             "outer_sum": np.stack(rows["outer_sum"]),
             "grid": np.asarray(rows["grid"], dtype=object),
+            "subset_index": object_column(rows["subset_index"]),
+            "subset_features": object_column(rows["subset_features"]),
             **{stage: np.asarray(rows[stage], dtype=np.float64) for stage in STAGES},
         }
 
@@ -163,6 +173,9 @@ class SettingResult:
     distance: float
     count: int
     sampler: dict[str, Any]
+    # improved precision / recall (ucgm_core.precision_recall) on evaluation.precision_recall_samples samples; None: off
+    precision: float | None = None
+    recall: float | None = None
 
 
 @dataclass
@@ -201,6 +214,8 @@ def run_evaluate(config: JobConfig) -> EvaluateSummary:
     identifier = extractor.identifier()
     reference = job_reference(config, extractor)  # our sums, or published mu/sigma
     del extractor
+    # the reference side of precision/recall: features `reference` kept (job_checks refused a file without them)
+    reference_subset = load_reference_subset(reference_path(config)) if evaluation.precision_recall_samples else None
     metric = "fid" if is_fid_extractor(spec.name) else "frechet_distance"
     model_file = model_file_path(config)
     num_classes = contents.num_classes
@@ -226,6 +241,7 @@ def run_evaluate(config: JobConfig) -> EvaluateSummary:
             "grid_count": grid_count,
             "cpus": resources.cpus,
             "decoder": decoder,
+            "subset_count": evaluation.precision_recall_samples,
         },
         batch_size=batch_size,
         batch_format="numpy",
@@ -238,6 +254,7 @@ def run_evaluate(config: JobConfig) -> EvaluateSummary:
     )
     merged = [FeatureStatistics.empty(reference.dim) for _ in settings]
     grids: list[list[bytes]] = [[] for _ in settings]
+    kept: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in settings]
     stage_seconds = dict.fromkeys(STAGES, 0.0)
     from tqdm import tqdm
 
@@ -250,6 +267,7 @@ def run_evaluate(config: JobConfig) -> EvaluateSummary:
                 )
                 if len(block["grid"][row]):
                     grids[number].append(block["grid"][row])
+                kept[number].append((block["subset_index"][row], block["subset_features"][row]))
                 for stage in STAGES:
                     stage_seconds[stage] += float(block[stage][row])
                 progress.update(int(block["count"][row]))
@@ -258,6 +276,12 @@ def run_evaluate(config: JobConfig) -> EvaluateSummary:
     for number, (setting, statistics) in enumerate(zip(settings, merged)):
         if statistics.count != num_samples:
             raise RuntimeError(f"setting {number} merged {statistics.count} samples, expected {num_samples}")
+        precision = recall = None
+        if reference_subset is not None:
+            samples = _sample_subset(kept[number], reference.dim, evaluation.precision_recall_samples)
+            precision, recall = precision_recall(
+                torch.from_numpy(reference_subset.features), torch.from_numpy(samples), k=evaluation.precision_recall_k
+            )
         results.append(
             SettingResult(
                 setting=describe_settings(setting, config.sampler),
@@ -265,6 +289,8 @@ def run_evaluate(config: JobConfig) -> EvaluateSummary:
                 distance=frechet_distance_from_statistics(statistics, reference),
                 count=statistics.count,
                 sampler=dataclasses.asdict(setting),
+                precision=precision,
+                recall=recall,
             )
         )
     seconds = time.perf_counter() - started
@@ -290,15 +316,25 @@ def run_evaluate(config: JobConfig) -> EvaluateSummary:
     return summary
 
 
+def _sample_subset(parts: list[tuple[np.ndarray, np.ndarray]], dim: int, count: int) -> np.ndarray:
+    """The features of samples 0..count-1, in index order, from the actors' rows."""
+    index = np.concatenate([i for i, _ in parts]).astype(np.int64)
+    features = np.concatenate([f.reshape(-1, dim) for _, f in parts])
+    if not np.array_equal(np.sort(index), np.arange(count)):
+        raise RuntimeError(f"kept the features of {len(index)} samples for precision/recall, expected {count}")
+    return features[np.argsort(index)]
+
+
 def _table_csv(summary: EvaluateSummary) -> bytes:
     buffer = io.StringIO()
     fields = [f.name for f in dataclasses.fields(SamplerSettings)]
     writer = csv.writer(buffer)
     columns = EvaluationFingerprint(**summary.fingerprint).columns() if summary.fingerprint else {}
-    writer.writerow(["setting", "nfe", summary.metric, "num_samples", *fields, "extractor", *columns])
+    writer.writerow(["setting", "nfe", summary.metric, "precision", "recall", "num_samples", *fields, "extractor", *columns])
     for result in sorted(summary.results, key=lambda r: r.nfe):
         writer.writerow([
-            result.setting, result.nfe, repr(result.distance), result.count, *(result.sampler[f] for f in fields), summary.extractor,
+            result.setting, result.nfe, repr(result.distance), "" if result.precision is None else repr(result.precision),
+            "" if result.recall is None else repr(result.recall), result.count, *(result.sampler[f] for f in fields), summary.extractor,
             *columns.values(),
         ])
     return buffer.getvalue().encode()
@@ -351,6 +387,8 @@ def _write_outputs(config: JobConfig, summary: EvaluateSummary, spec: ExtractorS
         for result in summary.results:
             tracker.log_metrics({f"{summary.metric}/{result.setting}": result.distance}, step=result.nfe)
             tracker.log_metrics({summary.metric: result.distance}, step=result.nfe)
+            if result.precision is not None:
+                tracker.log_metrics({f"precision/{result.setting}": result.precision, f"recall/{result.setting}": result.recall}, step=result.nfe)
         tracker.log_metrics({"samples_per_second": summary.samples_per_second, **{f"seconds/{k}": v for k, v in summary.stage_seconds.items()}}, step=0)
         name = f"{summary.metric}_vs_nfe"
         artifacts = {f"{name}.csv": _table_csv(summary), f"{name}.png": _table_plot(summary, spec.name)}

@@ -32,9 +32,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from orchestrator import storage
-from orchestrator.actor_pools import actor_device, actor_resources, connect_for_pool
+from orchestrator.actor_pools import actor_device, actor_resources, connect_for_pool, object_column
 from orchestrator.config import JobConfig
 from orchestrator.errors import ConfigError, ReferenceStatisticsError
 from orchestrator.sample.extractors import ExtractorSpec, extractor_spec
@@ -69,9 +70,13 @@ def reference_path(config: JobConfig) -> str:
     return config.evaluation.reference_statistics or default_reference_path(config, config.evaluation.extractor)
 
 
-def save_reference(path: str, statistics: FeatureStatistics, extractor_identifier: str, description: str) -> None:
-    """Write statistics as .npz, with the feature space and the data they describe."""
+def save_reference(
+    path: str, statistics: FeatureStatistics, extractor_identifier: str, description: str, subset: FeatureSubset | None = None
+) -> None:
+    """Write statistics as .npz, with the feature space and the data they describe, and the
+    features of a subset of the images for precision/recall."""
     buffer = io.BytesIO()
+    extra = {"subset_index": subset.index, "subset_features": subset.features} if subset is not None else {}
     np.savez(
         buffer,
         count=np.asarray(statistics.count, dtype=np.int64),
@@ -79,8 +84,32 @@ def save_reference(path: str, statistics: FeatureStatistics, extractor_identifie
         outer_sum=statistics.outer_sum,
         extractor=np.asarray(extractor_identifier),
         description=np.asarray(description),
+        **extra,
     )
     storage.write_bytes(path, buffer.getvalue())
+
+
+@dataclass
+class FeatureSubset:
+    """Feature vectors of some images (rows `index` of the data, or sample indices), float32 (M, D)."""
+
+    index: np.ndarray
+    features: np.ndarray
+
+
+def subset_rows(num_images: int, size: int, seed: int) -> np.ndarray:
+    """The rows whose features a reference keeps for precision/recall: `size` of them drawn
+    without replacement by a generator seeded with the job seed, in ascending order."""
+    return np.sort(np.random.default_rng([seed, num_images]).permutation(num_images)[: min(size, num_images)])
+
+
+def load_reference_subset(path: str) -> FeatureSubset | None:
+    """The subset features a reference file holds (written by `reference` with
+    evaluation.precision_recall_samples), or None."""
+    with storage.open_file(path) as handle, np.load(handle, allow_pickle=False) as arrays:
+        if "subset_features" not in arrays.files:
+            return None
+        return FeatureSubset(arrays["subset_index"], arrays["subset_features"])
 
 
 # --------------------------------------------------------------------------- reading a reference
@@ -219,23 +248,30 @@ class BlockStatistics:
     """A Ray Data actor: the image source and one feature extractor; each input row names a block
     of image indices [start, stop), which it reads itself and turns into one row of float64 sums."""
 
-    def __init__(self, source: list[Any], extractor: ExtractorSpec, cpus: float):
+    def __init__(self, source: list[Any], extractor: ExtractorSpec, cpus: float, subset: np.ndarray | None = None):
         import ray
 
         self.device = actor_device(cpus)
         self.source: ImageSource = source[0] if isinstance(source[0], ImageSource) else ray.get(source[0])
         self.extractor = extractor.build(self.device)
+        self.subset = subset if subset is not None else np.zeros(0, dtype=np.int64)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        parts = []
+        parts, kept_index, kept_features = [], [], []
         for start, stop in zip(batch["start"], batch["stop"]):
             images = self.source.read(range(int(start), int(stop))).to(self.device)
-            parts.append(FeatureStatistics.from_features(self.extractor(images)))
+            features = self.extractor(images)
+            parts.append(FeatureStatistics.from_features(features))
+            keep = self.subset[(self.subset >= start) & (self.subset < stop)]
+            kept_index.append(keep)
+            kept_features.append(features[torch.from_numpy(keep - start).to(features.device)].float().cpu().numpy())
         return {
             "start": np.asarray(batch["start"], dtype=np.int64),
             "count": np.asarray([p.count for p in parts], dtype=np.int64),
             "feature_sum": np.stack([p.feature_sum for p in parts]),
             "outer_sum": np.stack([p.outer_sum for p in parts]),
+            "subset_index": object_column(kept_index),
+            "subset_features": object_column(kept_features),
         }
 
 
@@ -299,9 +335,10 @@ def run_reference(config: JobConfig) -> ReferenceSummary:
     resources = actor_resources(config)
     table = block_table(num_images, evaluation.batch_size)
     num_blocks = -(-num_images // evaluation.batch_size)
+    subset = subset_rows(num_images, evaluation.precision_recall_samples, config.seed) if evaluation.precision_recall_samples else None
     partial_sums = table.map_batches(
         BlockStatistics,
-        fn_constructor_kwargs={"source": [ray.put(source)], "extractor": spec, "cpus": resources.cpus},
+        fn_constructor_kwargs={"source": [ray.put(source)], "extractor": spec, "cpus": resources.cpus, "subset": subset},
         batch_size=1,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=min(resources.count, num_blocks)),
@@ -313,12 +350,26 @@ def run_reference(config: JobConfig) -> ReferenceSummary:
     )
     from tqdm import tqdm
 
+    kept: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def blocks():  # the sums go to the ordered merge; the subset's features are kept on the way
+        for block in partial_sums.iter_batches(batch_size=None, batch_format="numpy"):
+            kept.extend(zip(block["subset_index"], block["subset_features"]))
+            yield block
+
     with tqdm(total=num_images, desc="reference", unit="image") as progress:
-        statistics = merge_in_block_order(partial_sums.iter_batches(batch_size=None, batch_format="numpy"), dim, progress)
+        statistics = merge_in_block_order(blocks(), dim, progress)
     if statistics.count != num_images:
         raise RuntimeError(f"merged the features of {statistics.count} images, expected {num_images}")
+    features = None
+    if subset is not None:
+        index = np.concatenate([i for i, _ in kept]).astype(np.int64)
+        order = np.argsort(index)
+        features = FeatureSubset(index[order], np.concatenate([f.reshape(-1, dim) for _, f in kept])[order])
+        if not np.array_equal(features.index, subset):
+            raise RuntimeError(f"kept the features of {len(index)} subset images, expected {len(subset)}")
     path = reference_path(config)
     description = f"{source.name} split={evaluation.reference_split} images={num_images} shape={image_shape}"
-    save_reference(path, statistics, identifier, description)
+    save_reference(path, statistics, identifier, description, features)
     logger.info("wrote %s", path)
     return ReferenceSummary(path, statistics.count, identifier, description, round(time.perf_counter() - started, 2))
