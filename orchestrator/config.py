@@ -101,6 +101,13 @@ class TrainConfig(_Section):
     gradient_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 disables")
     warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up")
     ema_decay: float = Field(0.999, ge=0, le=1, description="EMA of the weights used for sampling")
+    posthoc_ema_sigma_rels: tuple[float, ...] = Field(
+        (), description="post-hoc EMA: sigma_rel of the power-function EMAs tracked and snapshotted (EDM2: [0.05, 0.10]); empty: off"
+    )
+    posthoc_ema_every: int = Field(500, gt=0, description="post-hoc EMA: steps between snapshots of each tracked EMA")
+    keep_ema_snapshots: int | None = Field(
+        None, gt=0, description="post-hoc EMA: newest snapshots kept per tracked EMA (each is one float32 copy of the network); None: all"
+    )
     initialize_from: str | None = Field(
         None, description="model file (local or s3://) whose weights start the network, e.g. few-step training from a multi-step model"
     )
@@ -119,6 +126,21 @@ class TrainConfig(_Section):
     )
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("posthoc_ema_sigma_rels")
+    @classmethod
+    def _sigma_rels_are_lengths(cls, values: tuple[float, ...]) -> tuple[float, ...]:
+        return _check_sigma_rels(values)
+
+
+def _check_sigma_rels(values: tuple[float, ...]) -> tuple[float, ...]:
+    bound = 12**-0.5
+    wrong = [v for v in values if not 0 < v < bound]
+    if wrong:
+        raise ValueError(f"sigma_rel values must lie in (0, {bound:.4f}) (EDM2 tracks 0.05 and 0.10), got {wrong}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"each sigma_rel is tracked once, got {list(values)}")
+    return values
 
 
 class DistributedConfig(_Section):
@@ -250,6 +272,15 @@ class EncodeConfig(_Section):
     gpus_per_actor: float | None = Field(None, ge=0, description="None: 1 when the cluster has GPUs, else 0")
 
 
+class PosthocEmaConfig(_Section):
+    """`python -m orchestrator ema`: the weights of a power-function EMA of length sigma_rel,
+    reconstructed from the snapshots a run with train.posthoc_ema_sigma_rels wrote, as a model file."""
+
+    sigma_rel: float | None = Field(None, gt=0, lt=12**-0.5, description="the EMA length to reconstruct (CLI: sigma_rel=)")
+    step: int | None = Field(None, gt=0, description="the training step it averages up to; None: the last snapshot's")
+    out: str | None = Field(None, description="model file to write; default <run_dir>/model-sigma_rel-<sigma_rel>.pt (CLI: out=)")
+
+
 class TrackingConfig(_Section):
     enabled: bool = True
     tracking_uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI, else ./mlruns")
@@ -271,6 +302,7 @@ class JobConfig(_Section):
     evaluation: EvaluationConfig = EvaluationConfig()
     tracking: TrackingConfig = TrackingConfig()
     encode: EncodeConfig = EncodeConfig()
+    posthoc_ema: PosthocEmaConfig = PosthocEmaConfig()
 
     @field_validator("transport")
     @classmethod

@@ -51,6 +51,7 @@ from orchestrator.sample.model_files import read_model_file, read_model_file_at
 from orchestrator.sample.reference import image_data_problems, job_reference, load_reference_subset, reference_path
 from orchestrator.sample.sampler_grid import grid_settings
 from orchestrator.tracking import absolute_tracking_uri, sqlite_file
+from orchestrator.train.posthoc import snapshot_problems
 from orchestrator.train.pretrained import misfit, model_sources
 from ucgm_core.datasets import latents_have_flipped_copies
 from ucgm_core.model_file import ModelFileContents
@@ -174,6 +175,7 @@ def output_locations(config: JobConfig, verb: str) -> dict[str, str]:
     explicit = {
         "generate": ("evaluation.generation.out", evaluation.generation.out),
         "encode": ("encode.out", config.encode.out),
+        "ema": ("posthoc_ema.out", config.posthoc_ema.out),
         # without an explicit file, reference statistics go beside the data, else under output_dir
         "reference": ("evaluation.reference_statistics", evaluation.reference_statistics) if evaluation.reference_statistics else ("data.path", config.data.path),
     }
@@ -215,6 +217,8 @@ def _output_folder(config: JobConfig, verb: str) -> tuple[str, str]:
         return ("encode.out" if config.encode.out else "output_dir"), encode_output_folder(config)
     if verb == "reference":  # beside the data, or under output_dir, unless set
         return "evaluation.reference_statistics", reference_path(config).rsplit("/", 1)[0]
+    if verb == "ema" and config.posthoc_ema.out:
+        return "posthoc_ema.out", config.posthoc_ema.out.rsplit("/", 1)[0]
     return "output_dir", config.run_dir  # train's run folder; evaluate writes <run_dir>/evaluation
 
 
@@ -347,5 +351,6 @@ _VERB_CHECKS: dict[str, Callable[[JobConfig], list[str]]] = {
     "evaluate": _evaluate_problems,
     "generate": _generate_problems,
     "encode": _encode_problems,
+    "ema": snapshot_problems,  # the length to reconstruct, the run's snapshots and model.pt
     "reference": image_data_problems,  # and its data and its folder, checked for every verb that has them
 }

@@ -62,6 +62,11 @@ VERBS: dict[str, Verb] = {
             {"checkpoint": "model_file"},
         ),
         Verb(
+            "ema", "post-hoc EMA: a model file for any EMA length, from the snapshots a run tracked (train.posthoc_ema_sigma_rels)",
+            "jobs/digits.yaml sigma_rel=0.08", "orchestrator.train.posthoc:run_ema",
+            {"sigma_rel": "posthoc_ema.sigma_rel", "step": "posthoc_ema.step", "out": "posthoc_ema.out"},
+        ),
+        Verb(
             "encode", "VAE latents of the job's images, parquet shards, resumable (Ray Data)",
             "jobs/imagenet256_encode.yaml vae=s3://bucket/sd-vae-ft-ema out=s3://bucket/latents", "orchestrator.encode.run:run_encode",
             {"vae": "encode.vae", "out": "encode.out"},

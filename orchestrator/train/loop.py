@@ -28,7 +28,8 @@ from typing import Any, Callable, Protocol
 import torch
 
 from orchestrator import storage
-from orchestrator.train import pretrained
+from orchestrator.errors import ConfigError
+from orchestrator.train import posthoc, pretrained
 from orchestrator.train.batches import step_generator
 from orchestrator.train.inputs import TrainingInput, open_training_input
 from orchestrator.stopping import NoStop, StopCheck
@@ -38,6 +39,7 @@ from orchestrator.tracking import NullTracker, Tracker, open_tracker
 from orchestrator.summary import VerbSummary
 from ucgm_core.dit import DiT, build_dit
 from ucgm_core.ema import ModelEMA, TargetNetwork
+from ucgm_core.posthoc_ema import PowerFunctionEMA
 from ucgm_core.evaluation import balanced_labels, generate, sample_statistics
 from ucgm_core.features import DigitClassifierFeatures
 from ucgm_core.fid import FeatureStatistics, frechet_distance_from_statistics
@@ -80,6 +82,8 @@ class TrainingRun:
         if config.objective.needs_forward_mode_autodiff:
             self.model.set_attention("math")  # forward-mode AD does not pass fused attention kernels
         self.ema = ModelEMA(self.model, decay=config.train.ema_decay, warmup=True)
+        # post-hoc EMA: power-function averages whose snapshots `ema` recombines after training
+        self.power_emas = [PowerFunctionEMA(self.model, sigma_rel) for sigma_rel in config.train.posthoc_ema_sigma_rels]
         self.transport = build_transport(config.transport)
         teacher = pretrained.load_teacher(config, device, **shape) if config.train.teacher else None
         self.objective = build_objective(config.objective, self.transport, teacher=teacher)
@@ -123,14 +127,29 @@ class TrainingRun:
         self.ema.update(self.model)
         if self.target is not None:
             self.target.update(self.model)
+        for average in self.power_emas:
+            average.update(self.model)
 
     def averages_state(self) -> dict[str, Any]:
-        return {"ema": self.ema.state_dict(), "target": self.target.state_dict() if self.target is not None else None}
+        return {
+            "ema": self.ema.state_dict(),
+            "target": self.target.state_dict() if self.target is not None else None,
+            "power_emas": [average.state_dict() for average in self.power_emas],
+        }
 
     def load_averages_state(self, state: dict[str, Any]) -> None:
         self.ema.load_state_dict(state["ema"])
         if self.target is not None:
             self.target.load_state_dict(state["target"])
+        saved = state.get("power_emas") or []
+        if self.power_emas and len(saved) != len(self.power_emas):
+            raise ConfigError.of_job([
+                "train.posthoc_ema_sigma_rels: the checkpoint tracked "
+                f"{[s['sigma_rel'] for s in saved] or 'no power-function EMAs'}, this job {list(self.config.train.posthoc_ema_sigma_rels)}; "
+                "a post-hoc EMA must be tracked from the first step: resume with the same list, or start a new run (another name)"
+            ])
+        for average, average_state in zip(self.power_emas, saved):
+            average.load_state_dict(average_state)
 
     def model_file(self, metadata: dict[str, Any]) -> bytes:
         channels, size, _ = self.image_shape
@@ -361,6 +380,8 @@ def train_loop(
                 metrics = {**(metrics or {"step": run.step}), **quick_score(run, scorer, tracker, started)}
             if is_main and run.step % train.sample_every == 0:
                 write_sample_grid(run, tracker, f"step_{run.step:08d}")
+            if is_main and run.power_emas and run.step % train.posthoc_ema_every == 0:
+                posthoc.write_snapshots(run.config, run.power_emas, run.step)
             if stopping or preempted or run.step % train.checkpoint_every == 0 or run.step == train.steps:
                 saving = time.perf_counter()
                 checkpointer.save(run, optimization, {"mlflow_run_id": tracker.run_id}, metrics or {"step": run.step})
