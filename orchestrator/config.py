@@ -222,6 +222,14 @@ class EvaluationConfig(_Section):
     inception_resize: Literal["tf-bilinear", "bilinear", "bilinear-antialias"] = Field(
         "tf-bilinear", description="resize to 299 px: tf-bilinear is TF1 ResizeBilinear, as the ADM evaluator (published FIDs); bilinear is torch's half-pixel one"
     )
+    every: int = Field(
+        0, ge=0, description="while training, score the checkpoint of every `every` steps (a multiple of train.checkpoint_every) "
+        "at the sampler grid's settings on an actor pool of its own (num_actors, cpus_per_actor), training going on; 0: off"
+    )
+    every_samples: int | None = Field(None, gt=1, description="samples of each score during training; None: num_samples")
+    retries: int = Field(
+        2, ge=0, description="attempts after a failed evaluation during training (a crashed actor, a lost node); then it waits for the next run"
+    )
     generation: GenerationConfig = GenerationConfig()
 
     @model_validator(mode="after")
@@ -279,6 +287,9 @@ class PosthocEmaConfig(_Section):
     sigma_rel: float | None = Field(None, gt=0, lt=12**-0.5, description="the EMA length to reconstruct (CLI: sigma_rel=)")
     step: int | None = Field(None, gt=0, description="the training step it averages up to; None: the last snapshot's")
     out: str | None = Field(None, description="model file to write; default <run_dir>/model-sigma_rel-<sigma_rel>.pt (CLI: out=)")
+    run_dir: str | None = Field(
+        None, description="the run folder whose snapshots and model.pt are read; None: this job's (a sampling sweep: its model file's folder)"
+    )
 
 
 class TrackingConfig(_Section):

@@ -13,7 +13,9 @@ raises one ConfigError listing every problem it found, each as `<key>: <what is 
     train, reference, encode   data.path exists and is readable (path datasets), data.image_size
                                is set where the dataset needs it
     train                      train.initialize_from / train.teacher are model files whose network
-                               settings / transport fit the job; the run folder takes writes
+                               settings / transport fit the job; the run folder takes writes;
+                               scores during training (evaluation.every): a Ray backend, a
+                               multiple of train.checkpoint_every, the sampler grid, a reference
     evaluate                   the sampler grid; the model file; the feature extractor reads its
                                images; the reference statistics exist, in that feature space (a
                                mu/sigma file: evaluation.reference_extractor declares it), of its
@@ -51,7 +53,7 @@ from orchestrator.sample.model_files import read_model_file, read_model_file_at
 from orchestrator.sample.reference import image_data_problems, job_reference, load_reference_subset, reference_path
 from orchestrator.sample.sampler_grid import grid_settings
 from orchestrator.tracking import absolute_tracking_uri, sqlite_file
-from orchestrator.train.posthoc import snapshot_problems
+from orchestrator.train.posthoc import snapshot_problems, source_problems
 from orchestrator.train.pretrained import misfit, model_sources
 from ucgm_core.datasets import latents_have_flipped_copies
 from ucgm_core.model_file import ModelFileContents
@@ -72,6 +74,7 @@ LOCATION_KEYS: tuple[str, ...] = (
     "evaluation.generation.out",
     "encode.vae",
     "encode.out",
+    "posthoc_ema.run_dir",
 )
 TRACKING_URI_KEY = "tracking.tracking_uri"
 
@@ -275,7 +278,29 @@ def _train_problems(config: JobConfig) -> list[str]:
         if read is not None:
             # what the config tells; the data's shape is compared by each rank once it has the data
             problems += [problem for problem in [misfit(key, path, read[1], config)] if problem]
-    return problems
+    return problems + _scoring_problems(config)
+
+
+def _scoring_problems(config: JobConfig) -> list[str]:
+    """Scores during training (evaluation.every): a Ray backend, checkpoint steps, the grid, a
+    reference. The reference's feature space against the extractor is checked by the first
+    evaluation (it needs the data's image shape), and a mismatch there is not retried."""
+    every = config.evaluation.every
+    if not every:
+        return []
+    problems = []
+    if config.distributed.backend == "local":
+        problems.append("evaluation.every: scores during training run on a Ray actor pool; use distributed.backend=ray or set evaluation.every=0")
+    if every % config.train.checkpoint_every:
+        problems.append(
+            f"evaluation.every: {every} steps is no multiple of train.checkpoint_every={config.train.checkpoint_every}, "
+            "and only checkpointed steps are scored; choose a multiple"
+        )
+    problems += _problems_of("evaluation.sampler_grid", lambda: grid_settings(config))[1]
+    reference, found = _problems_of("evaluation.reference_statistics", lambda: job_reference(config, None))
+    if found:
+        found = [f"{problem} (evaluation.every scores against it: compute it first with `python -m orchestrator reference <job.yaml>`)" for problem in found]
+    return problems + found
 
 
 def _model_file(config: JobConfig) -> tuple[ModelFileContents | None, list[str]]:
@@ -321,6 +346,8 @@ def _evaluate_problems(config: JobConfig) -> list[str]:
                 "`python -m orchestrator reference <job.yaml>` and the same evaluation.precision_recall_samples (a published "
                 "mu/sigma file has no features), or set evaluation.precision_recall_samples=0"
             )
+    if config.posthoc_ema.sigma_rel is not None:  # evaluate scores that EMA length, reconstructed from snapshots
+        problems += source_problems(config)
     return problems
 
 

@@ -158,6 +158,25 @@ class MlflowTracker:
         return len(children)
 
 
+def log_metrics_once(tracking_uri: str | None, run_id: str, metrics: dict[str, float], step: int) -> int:
+    """Log `metrics` at `step` to the existing run `run_id` (running or finished: its status is
+    left alone), leaving out each metric the run already holds at that step, so that work redone
+    after a crash is logged once; returns how many it logged."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri or default_tracking_uri())
+    now = int(time.time() * 1000)
+    fresh = [
+        Metric(key, float(value), now, step)
+        for key, value in metrics.items()
+        if all(logged.step != step for logged in client.get_metric_history(run_id, key))
+    ]
+    if fresh:
+        client.log_batch(run_id, metrics=fresh)
+    return len(fresh)
+
+
 def _redact_uri(uri: str) -> str:
     """user:password@host -> ***@host, so a URI with credentials never reaches a log."""
     return re.sub(r"//[^/@]*@", "//***@", uri)

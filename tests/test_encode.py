@@ -127,6 +127,7 @@ def test_encode_writes_the_vae_latents_in_shards_and_rewrites_only_a_lost_shard(
         run_encode(job(vae_folder, out, "encode.latent=sample"))
 
 
+@pytest.mark.slow
 def test_encode_writes_the_latents_of_the_flipped_images_for_horizontal_flips(vae_folder, ray_cluster, tmp_path):
     out = str(tmp_path / "latents")
     run_encode(job(vae_folder, out, "data.limit=24", "encode.shard_size=16", "encode.horizontal_flip=true"))

@@ -221,6 +221,7 @@ def test_evaluate_with_inception_reports_fid_and_the_weights_hash(tmp_path, ray_
     assert (tmp_path / "digits" / "evaluation" / "fid_vs_nfe.csv").exists()
 
 
+@pytest.mark.slow
 def test_precision_and_recall_come_from_the_samples_and_the_reference_features_it_kept(evaluation_job, tmp_path, capsys):
     from orchestrator.sample.reference import load_reference_subset, subset_rows
     from ucgm_core.datasets import load_dataset

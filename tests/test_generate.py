@@ -104,6 +104,7 @@ def test_generate_writes_exactly_n_images_across_shards_the_same_for_any_split(m
                          "evaluation.generation.formats=[png, parquet]", "sampler.steps=4"))
 
 
+@pytest.mark.slow
 def test_generate_resumes_after_a_kill_without_duplicates_or_gaps(model_path, ray_cluster, tmp_path):
     out = str(tmp_path / "generated")
     slow = ["evaluation.generation.num_samples=60", "evaluation.generation.shard_size=3", "evaluation.batch_size=3", "sampler.steps=40"]

@@ -100,6 +100,7 @@ def test_checkpoints_go_to_s3_and_a_resubmitted_job_resumes_from_them(ray_cluste
     assert client.get_run(first.mlflow_run_id).data.params["distributed.num_workers"] == "2"
 
 
+@pytest.mark.slow
 def test_a_worker_that_dies_mid_run_is_restarted_and_the_run_ends_as_if_uninterrupted(ray_cluster, tmp_path, monkeypatch, reference_30_steps):
     # 2 workers under ZeRO-2, held to the single process's run; checkpoints are uploaded in the
     # background, so the restart also shows that Ray's async upload keeps what resuming needs
@@ -205,6 +206,7 @@ def _torn_run(tmp_path: Path, damage, zero_stage: int = 2):
     return run_train(_job(output, tmp_path, "train.steps=30", *common)), newest
 
 
+@pytest.mark.slow
 def test_a_torn_newest_checkpoint_on_s3_is_skipped_and_the_run_ends_as_if_uninterrupted(ray_cluster, s3_bucket, tmp_path, reference_30_steps):
     # an upload cut off midway: one rank's DeepSpeed shard holds its first 1000 bytes. Under
     # ZeRO-3, so that this also holds ZeRO-3 (and the EMA updated from gathered parameters) to the

@@ -155,6 +155,7 @@ def test_forward_mode_objectives_refuse_zero_3_at_validation():
     load_job(ROOT / "jobs/systems/digits_multistep_ct.yaml", ["distributed.zero_stage=3"])  # no JVP: fine
 
 
+@pytest.mark.slow
 def test_sct_learned_weight_is_trained_under_deepspeed_zero_2(ray_cluster, tmp_path):
     """Two Ray Train workers, DeepSpeed ZeRO-2: the engine wraps the network and w(t) together,
     so the weight is sharded, reduced and stepped like the network (JVP through the engine)."""

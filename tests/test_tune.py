@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from orchestrator import storage
 from orchestrator.config import load_job
@@ -26,6 +27,7 @@ from orchestrator.tune.spec import load_sweep
 ROOT = Path(__file__).resolve().parents[1]
 TRAINING_SPEC = ROOT / "jobs" / "tune_digits.yaml"
 SAMPLING_SPEC = ROOT / "jobs" / "tune_digits_sampling.yaml"
+SIGMA_REL_SPEC = ROOT / "jobs" / "tune_digits_sigma_rel.yaml"
 
 
 def _tracking(tmp: Path) -> str:
@@ -64,8 +66,21 @@ def test_the_cli_refuses_a_bad_sweep_with_exit_code_2(tmp_path, capsys):
     assert "space.train.learning_rate: log-uniform needs positive bounds" in capsys.readouterr().err
 
 
+def test_asha_can_compare_trials_on_their_latest_checkpoint_score(tmp_path):
+    with pytest.raises(ConfigError, match="early_stopping.metric: checkpoint_score needs checkpoints scored during training"):
+        load_sweep(TRAINING_SPEC, [f"output_dir={tmp_path}", "early_stopping.metric=checkpoint_score"])
+    sweep = load_sweep(
+        TRAINING_SPEC, [f"output_dir={tmp_path}", "early_stopping.metric=checkpoint_score", "job.evaluation.every=100", "early_stopping.grace_period=null"]
+    )
+    scheduler = sweep.mode.scheduler(sweep)
+    assert (scheduler._metric, scheduler._time_attr) == ("checkpoint_score", "checkpoint_score_step")
+    assert min(milestone for milestone, _ in scheduler._brackets[0]._rungs) == 100  # the grace period: evaluation.every
+    job = sweep.base_job
+    assert sweep.mode.worker_cpus(job) == job.distributed.cpus_per_worker + job.evaluation.num_actors * job.evaluation.cpus_per_actor
+
+
 def test_a_sampling_sweep_searches_sampler_keys_only(tmp_path):
-    with pytest.raises(ConfigError, match=r"mode: sample\) searches sampler\.\* keys only"):
+    with pytest.raises(ConfigError, match=r"mode: sample\) searches sampler\.\* keys and posthoc_ema\.sigma_rel only"):
         load_sweep(SAMPLING_SPEC, [f"output_dir={tmp_path}", "space.train.learning_rate={type: loguniform, low: 1.0e-4, high: 1.0e-3}"])
 
 
@@ -102,6 +117,13 @@ def test_a_sampling_sweep_without_its_model_file_or_reference_exits_2_before_any
     assert f"{os.getcwd()}/missing/model.pt" in error  # relative to where `tune` runs
     assert "evaluation.reference_statistics: no reference statistics" in error
     assert not (tmp_path / "tune_digits_sampling" / "study.db").exists(), "no study, no cluster, no trial"
+
+
+def test_a_sweep_over_the_ema_length_of_a_run_without_snapshots_is_refused_before_any_trial(tmp_path):
+    with pytest.raises(ConfigError) as raised:
+        load_sweep(SIGMA_REL_SPEC, [f"output_dir={tmp_path}", f"job.output_dir={tmp_path}"])
+    assert f"'{tmp_path}/digits_posthoc/ema_snapshots' holds no EMA snapshots" in str(raised.value)
+    assert "train.posthoc_ema_sigma_rels: [0.05, 0.1]" in str(raised.value)
 
 
 def _model_file(sweep) -> str:
@@ -248,6 +270,8 @@ def trained_model(tmp_path_factory):
             "train.sample_every=100000",
             "evaluation.num_samples=100",
             "tracking.enabled=false",
+            "train.posthoc_ema_sigma_rels=[0.05, 0.1]",  # snapshots for the sweep over the EMA length
+            "train.posthoc_ema_every=25",
         ],
     )
     run_train(job)
@@ -338,6 +362,35 @@ def test_a_sampling_sweep_writes_table_plot_best_job_and_nested_mlflow_runs(samp
     assert parent.data.metrics["best_frechet_distance"] == summary.best["values"]["frechet_distance"]
 
 
+def test_a_sampling_sweep_over_the_ema_length_scores_each_trial_s_reconstruction(ray_cluster, trained_model, tmp_path):
+    """posthoc_ema.sigma_rel as one more sampling key: each trial's evaluate rebuilds that EMA
+    from the run's snapshots (the `ema` verb's weights, exactly) and scores it; the best job
+    file does the same again."""
+    from orchestrator.sample.evaluate import run_evaluate
+    from orchestrator.train.posthoc import run_ema
+    from orchestrator.tune.run import run_tune
+    from ucgm_core.model_file import load_model_file
+
+    sweep = load_sweep(SIGMA_REL_SPEC, _sampling_overrides(trained_model, tmp_path, "job.name=digits", "num_trials=2", "job.evaluation.num_samples=200"))
+    summary = run_tune(sweep)
+    assert summary.statuses == {"completed": 2}
+    distances = set()
+    for trial in summary.trials:
+        sigma_rel = trial.params["posthoc_ema.sigma_rel"]
+        rebuilt = Path(trial.run_dir) / "evaluation" / f"model-sigma_rel-{sigma_rel:.3f}.pt"
+        out = tmp_path / f"ema-{trial.number}.pt"
+        run_ema(load_job(ROOT / "jobs/digits.yaml", [f"output_dir={trained_model}", f"posthoc_ema.sigma_rel={sigma_rel}", f"posthoc_ema.out={out}"]))
+        ours, verbs = (load_model_file(str(path)).model.state_dict() for path in (rebuilt, out))
+        assert all(torch.equal(ours[key], verbs[key]) for key in verbs)
+        distances.add(trial.values["frechet_distance"])
+    assert len(distances) == 2, "other EMA lengths and steps, other distances"
+
+    job = load_job(Path(sweep.folder) / "best_job.yaml", ["tracking.enabled=false"])
+    assert job.posthoc_ema.sigma_rel == summary.best["params"]["posthoc_ema.sigma_rel"]
+    (result,) = run_evaluate(job).results
+    assert result.distance == pytest.approx(summary.best["values"]["frechet_distance"], rel=1e-9)
+
+
 def _blocked(sweep, *run_names: str) -> None:
     """Make trials fail where a real sweep can: a file where their run folder must go."""
     trials = Path(sweep.folder) / "trials"
@@ -362,6 +415,7 @@ def test_a_sweep_whose_trials_all_fail_exits_1_with_the_first_trial_s_error(ray_
     assert [row["status"] for row in rows] == ["failed", "failed"]
 
 
+@pytest.mark.slow
 def test_a_sweep_where_some_trials_fail_completes_and_lists_them_as_failed(ray_cluster, trained_model, tmp_path):
     from orchestrator.tune.run import run_tune
 

@@ -31,6 +31,8 @@ import csv
 import dataclasses
 import io
 import logging
+import os
+import signal
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -111,6 +113,7 @@ class SampleStatistics:
         self.decode = decoder.build(self.device) if decoder is not None else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        _kill_actor_for_tests()
         seeds = [int(s) for s in batch["seed"]]
         labels = torch.tensor(batch["label"], dtype=torch.long)
         in_grid = batch["index"] < self.grid_count
@@ -154,6 +157,19 @@ class SampleStatistics:
             **{key: np.stack(rows[key]) for key in ("is_count", "is_entropy", "is_probability") if key in rows},
             **{stage: np.asarray(rows[stage], dtype=np.float64) for stage in STAGES},
         }
+
+
+def _kill_actor_for_tests() -> None:
+    """Test hook: with UCGM_ACTOR_FAULT_ARM=<file>, the first actor to find that file removes it
+    and SIGKILLs itself mid-batch (what a lost node or the OOM killer does), once per arming."""
+    arm = os.environ.get("UCGM_ACTOR_FAULT_ARM")
+    if not arm or not os.path.exists(arm):
+        return
+    try:
+        os.remove(arm)
+    except FileNotFoundError:  # another actor took it
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _grid_bytes(indices: np.ndarray, images: torch.Tensor) -> bytes:
@@ -211,7 +227,29 @@ class EvaluateSummary(VerbSummary):
 
 
 def run_evaluate(config: JobConfig) -> EvaluateSummary:
-    """Score the model file for every sampler setting of the sweep (see the module docstring)."""
+    """Score the model file for every sampler setting of the sweep (see the module docstring);
+    the results go to <run_dir>/evaluation/ and an MLflow run of their own. With
+    posthoc_ema.sigma_rel it scores that EMA length, reconstructed from the snapshots first."""
+    if config.posthoc_ema.sigma_rel is not None:
+        from orchestrator.train.posthoc import evaluation_job
+
+        config = evaluation_job(config)
+    scored = score_model_file(config)
+    _write_outputs(config, scored.summary, scored.extractor, scored.grids)
+    return scored.summary
+
+
+@dataclass
+class ScoredModel:
+    summary: EvaluateSummary
+    extractor: ExtractorSpec
+    grids: list[list[bytes]]  # per setting, the actors' encoded grid samples (_grid_images)
+
+
+def score_model_file(config: JobConfig) -> ScoredModel:
+    """The scores of the job's model file at every sampler setting, computed on an actor pool;
+    nothing is written (evaluate's outputs, or the scores of a checkpoint during training:
+    orchestrator.train.checkpoint_scores)."""
     import ray
 
     started = time.perf_counter()
@@ -333,8 +371,7 @@ def run_evaluate(config: JobConfig) -> EvaluateSummary:
     for result in results:
         label = "FID" if metric == "fid" else f"Frechet distance in {spec.name} feature space (not FID)"
         logger.info("%s  NFE %d  %s %.4f", result.setting, result.nfe, label, result.distance)
-    _write_outputs(config, summary, spec, grids)
-    return summary
+    return ScoredModel(summary, spec, grids)
 
 
 def _sample_subset(parts: list[tuple[np.ndarray, np.ndarray]], dim: int, count: int) -> np.ndarray:

@@ -29,7 +29,7 @@ import torch
 
 from orchestrator import storage
 from orchestrator.errors import ConfigError
-from orchestrator.train import posthoc, pretrained
+from orchestrator.train import checkpoint_scores, posthoc, pretrained
 from orchestrator.train.batches import step_generator
 from orchestrator.train.inputs import TrainingInput, open_training_input
 from orchestrator.stopping import NoStop, StopCheck
@@ -345,6 +345,11 @@ def train_loop(
         if resumed_from:
             tracker.log_metrics({"restore_seconds": restore_seconds}, step=resumed_from)
         tracker.set_tags({"run_dir": config.run_dir, "model_parameters": str(sum(p.numel() for p in run.ema.module.parameters()))})
+        if resumed_from and checkpoint_scores.is_scored_step(config, resumed_from):
+            # a crash between the checkpoint's commit and its model file: write it now, so it is scored
+            checkpoint_scores.write_model_file_once(
+                config.run_dir, resumed_from, lambda: run.model_file({"step": resumed_from, "job": config.name, "mlflow_run_id": tracker.run_id})
+            )
         scorer = QualityScorer(run) if run.image_shape[0] == 1 else None
         if scorer is None:
             logger.warning("no feature extractor for %d-channel images yet; skipping the quality score", run.image_shape[0])
@@ -382,12 +387,18 @@ def train_loop(
                 write_sample_grid(run, tracker, f"step_{run.step:08d}")
             if is_main and run.power_emas and run.step % train.posthoc_ema_every == 0:
                 posthoc.write_snapshots(run.config, run.power_emas, run.step)
+            if is_main and metrics is not None and checkpoint_scores.enabled(config):
+                metrics = {**metrics, **checkpoint_scores.latest_score(config.run_dir)}  # what ASHA may read
             if stopping or preempted or run.step % train.checkpoint_every == 0 or run.step == train.steps:
                 saving = time.perf_counter()
                 checkpointer.save(run, optimization, {"mlflow_run_id": tracker.run_id}, metrics or {"step": run.step})
                 saved_in = time.perf_counter() - saving
                 checkpoint_seconds, checkpoints = checkpoint_seconds + saved_in, checkpoints + 1
                 tracker.log_metrics({"checkpoint_seconds": saved_in}, step=run.step)
+                if is_main and checkpoint_scores.is_scored_step(config, run.step):
+                    # after the save: a step whose checkpoint was not committed is trained, and written, again
+                    metadata = {"step": run.step, "job": config.name, "mlflow_run_id": tracker.run_id}
+                    checkpoint_scores.write_model_file(config.run_dir, run.step, run.model_file(metadata))
             elif metrics is not None:
                 checkpointer.report(metrics)
             if stopping:

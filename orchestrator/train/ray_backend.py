@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from orchestrator import cluster, storage
-from orchestrator.train import worker_errors
+from orchestrator.train import checkpoint_scores, worker_errors
 from orchestrator.train.checkpoint_conversion import converted_checkpoint, loads_universal
 from orchestrator.errors import JobError
 from orchestrator.train.checkpoints import (
@@ -356,10 +356,23 @@ def connect_for_training(config: JobConfig) -> None:
         f"{distributed.max_workers} training workers (distributed.num_workers)",
         "lower distributed.num_workers or distributed.cpus_per_worker",
     )
+    cpus = distributed.max_workers * distributed.cpus_per_worker
+    if checkpoint_scores.enabled(config):  # the scoring pool has CPUs of its own, beside the workers'
+        evaluation = config.evaluation
+        units = distributed.max_workers + evaluation.num_actors
+        cluster.check_local_capacity(
+            distributed.ray_address,
+            units,
+            (cpus + evaluation.num_actors * evaluation.cpus_per_actor) / units,  # all their CPUs, shared out
+            cluster.TRAIN_WORKER_GIB,
+            f"{distributed.max_workers} training workers and {evaluation.num_actors} scoring actors (evaluation.every)",
+            "lower distributed.num_workers or evaluation.num_actors, or set evaluation.every=0",
+        )
+        cpus += evaluation.num_actors * evaluation.cpus_per_actor
     os.environ.update({k: v for k, v in _WORKER_ENVIRONMENT.items() if k not in os.environ})
     if config.distributed.gpus_per_worker == 0:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed picks its accelerator at import
-    cluster.connect(config.distributed.ray_address, config.distributed.max_workers * config.distributed.cpus_per_worker)
+    cluster.connect(config.distributed.ray_address, cpus)
 
 
 def check_resources(config: JobConfig) -> None:
@@ -427,18 +440,28 @@ def run_train_ray(config: JobConfig, callbacks: tuple[Any, ...] = ()) -> TrainSu
     )
     worker_errors.clear_recorded(config.run_dir)
     forget_ray_checkpoint_registry(config.run_dir)
+    # scores the checkpoints evaluation.every names while the workers train (and those a previous run left unscored)
+    scoring = checkpoint_scores.CheckpointScoring(config).start()
     try:
         with signals_stop(request):
             _fit(trainer)
     except TrainingFailedError:
+        scoring.stop()
         worker_errors.raise_recorded(config.run_dir)  # one rank's JobError, and the others' collateral failures
+        raise
+    except BaseException:
+        scoring.stop()
         raise
     finally:  # Ray's retention covers this fit's checkpoints; the older ones are pruned here
         prune(config.run_dir, config.train.keep_checkpoints)
     worker_errors.raise_recorded(config.run_dir)
     stopped_at = ray.get(flag.stopped_step.remote())
     if stopped_at is not None:
+        scoring.stop()  # what is pending is scored by the run that resumes
         raise Stopped(request.signal_name or "a stop request", stopped_at, request.exit_code)
+    failed = scoring.finish()
+    if failed:
+        logger.error("checkpoint scores missing for steps %s; running the job again scores them", sorted(failed))
     return TrainSummary.from_json(storage.read_bytes(storage.join(config.run_dir, "summary.json")).decode())
 
 

@@ -3,7 +3,8 @@
     TrainingSweep   every trial trains (Ray Train + DeepSpeed workers); ASHA may stop it early
                     on the quick score; best_job.yaml is a `train` job
     SamplingSweep   every trial evaluates one model file with its sampler settings (Ray Data
-                    actors); best_job.yaml is an `evaluate` job
+                    actors), or the run's post-hoc EMA of the trial's posthoc_ema.sigma_rel;
+                    best_job.yaml is an `evaluate` job
 
 Before the first trial the base job is checked for the mode's verb (orchestrator.job_checks):
 a training sweep's data and initial weights, a sampling sweep's model file and reference
@@ -29,13 +30,15 @@ from orchestrator.errors import ConfigError
 from orchestrator.job_checks import check_job
 from orchestrator.sample.model_files import model_file_path
 from orchestrator.sample.reference import reference_path
+from orchestrator.train.posthoc import source_problems
 
 if TYPE_CHECKING:
     from orchestrator.tune.spec import Sweep, SweepConfig
     from orchestrator.tune.trials import TrialSetup
 
 METRICS = ("frechet_distance", "nfe", "train_seconds")
-SCORE = METRICS[0]  # what every trial reports and ASHA compares; always the first metric
+SCORE = METRICS[0]  # what every trial reports (ASHA compares it, or early_stopping.metric); always the first metric
+POSTHOC_KEY = "posthoc_ema.sigma_rel"  # the one key besides sampler.* a sampling sweep searches: evaluate reconstructs it
 
 
 @dataclass(frozen=True)
@@ -121,15 +124,27 @@ class TrainingSweep(SweepMode):
         return problems
 
     def sweep_problems(self, sweep: Sweep) -> list[str]:
-        if sweep.config.early_stopping.enabled and not sweep.base_job.train.score_every:
-            return [
+        stopping, job = sweep.config.early_stopping, sweep.base_job
+        if not stopping.enabled:
+            return []
+        problems = []
+        if not job.train.score_every:
+            problems.append(
                 "early_stopping: training reports no intermediate score (train.score_every is 0); set job_overrides: "
                 "{train.score_every: N} (e.g. a tenth of train.steps), or early_stopping.enabled: false"
-            ]
-        return []
+            )
+        if stopping.metric == "checkpoint_score" and not job.evaluation.every:
+            problems.append(
+                "early_stopping.metric: checkpoint_score needs checkpoints scored during training; set job_overrides: "
+                "{evaluation.every: N} (a multiple of train.checkpoint_every), or early_stopping.metric: frechet_distance"
+            )
+        return problems
 
     def worker_cpus(self, job: JobConfig) -> float:
-        return job.distributed.max_workers * job.distributed.cpus_per_worker  # an elastic trial is placed at its largest
+        cpus = job.distributed.max_workers * job.distributed.cpus_per_worker  # an elastic trial is placed at its largest
+        if job.evaluation.every:  # the pool that scores its checkpoints while it trains
+            cpus += job.evaluation.num_actors * job.evaluation.cpus_per_actor
+        return cpus
 
     def place_workers(self, job: JobConfig) -> Workers:
         d = job.distributed
@@ -140,20 +155,24 @@ class TrainingSweep(SweepMode):
         return Workers(self.worker_cpus(job), d.max_workers * d.gpus_per_worker, {})
 
     def scheduler(self, sweep: Sweep) -> Any:
-        """ASHA on the quick score, by training step; None when early stopping is off."""
+        """ASHA on the quick score by training step, or on the latest checkpoint score by its
+        checkpoint's step (the reports before the first score carry none, and ASHA lets them
+        pass); None when early stopping is off."""
         from ray.tune.schedulers import ASHAScheduler
 
         config, train = sweep.config, sweep.base_job.train
-        if not config.early_stopping.enabled:
+        stopping = config.early_stopping
+        if not stopping.enabled:
             return None
         steps = config.space.get("train.steps")
         max_steps = max(int(v) for v in steps.extremes()) if steps is not None else train.steps
+        on_checkpoints = stopping.metric == "checkpoint_score"
         return ASHAScheduler(
-            time_attr="step",
-            metric=SCORE,
+            time_attr="checkpoint_score_step" if on_checkpoints else "step",
+            metric=stopping.metric,
             mode="min",
             max_t=max_steps,
-            grace_period=config.early_stopping.grace_period or train.score_every,
+            grace_period=stopping.grace_period or (sweep.base_job.evaluation.every if on_checkpoints else train.score_every),
             reduction_factor=config.early_stopping.reduction_factor,
             stop_last_trials=False,  # a trial at its last step still reports its final score
         )
@@ -173,9 +192,11 @@ class SamplingSweep(SweepMode):
 
     def spec_problems(self, config: SweepConfig) -> list[str]:
         problems = super().spec_problems(config)
-        others = [key for key in config.space if not key.startswith("sampler.")]
+        others = [key for key in config.space if not key.startswith("sampler.") and key != POSTHOC_KEY]
         if others:
-            problems.append(f"space: a sampling-only sweep (mode: sample) searches sampler.* keys only; {others} need training, use mode: train")
+            problems.append(
+                f"space: a sampling-only sweep (mode: sample) searches sampler.* keys and {POSTHOC_KEY} only; {others} need training, use mode: train"
+            )
         return problems
 
     def job_values(self, config: SweepConfig) -> dict[str, Any]:
@@ -187,7 +208,16 @@ class SamplingSweep(SweepMode):
 
     def fixed_inputs(self, job: JobConfig) -> dict[str, Any]:
         # both default to paths under the job's run folder or output_dir, which a trial's job changes
-        return {"evaluation.model_file": model_file_path(job), "evaluation.reference_statistics": reference_path(job)}
+        model_file = model_file_path(job)
+        return {
+            "evaluation.model_file": model_file,
+            "evaluation.reference_statistics": reference_path(job),
+            # a sweep over the EMA length reconstructs it from the snapshots beside the model file
+            "posthoc_ema.run_dir": job.posthoc_ema.run_dir or model_file.rsplit("/", 1)[0],
+        }
+
+    def sweep_problems(self, sweep: Sweep) -> list[str]:
+        return source_problems(sweep.base_job) if POSTHOC_KEY in sweep.config.space else []
 
     def worker_cpus(self, job: JobConfig) -> float:
         return job.evaluation.num_actors * job.evaluation.cpus_per_actor

@@ -197,9 +197,15 @@ _DISTRIBUTIONS = {"uniform": Uniform, "loguniform": LogUniform, "int": IntRange,
 
 
 class EarlyStopping(_Spec):
-    """ASHA on the quick score training reports every train.score_every steps (train mode)."""
+    """ASHA on what training reports every train.score_every steps (train mode): the quick score,
+    or the latest score of a checkpoint (evaluation.every, scored beside the training)."""
 
     enabled: bool = True
+    metric: Literal["frechet_distance", "checkpoint_score"] = Field(
+        "frechet_distance",
+        description="frechet_distance: the quick score, by training step; checkpoint_score: the newest checkpoint's score "
+        "(the sampler grid's first setting on evaluation.every_samples), by that checkpoint's step",
+    )
     grace_period: int | None = Field(None, gt=0, description="steps a trial trains before it can be stopped; default train.score_every")
     reduction_factor: float = Field(2.0, gt=1, description="at each rung, the best 1/reduction_factor of the trials go on")
 

@@ -20,6 +20,7 @@ from typing import Any
 from orchestrator import storage
 from orchestrator.config import JobConfig, validate_job
 from orchestrator.errors import JobError
+from orchestrator.train import checkpoint_scores
 from orchestrator.tune.modes import SCORE
 from orchestrator.tune.space import RUN_NAME, TRIAL_NUMBER, SearchSpace
 from orchestrator.tune.spec import Sweep
@@ -65,7 +66,10 @@ def training_trial(config: dict[str, Any], setup: TrialSetup) -> None:
 
     job = setup.trial_job(config)
     nfe = count_network_evaluations(job.sampler)
-    summary = run_train_ray(job, callbacks=(_score_reports(job.train.steps, {"nfe": nfe}),))
+    stopping = setup.sweep.config.early_stopping
+    # what ASHA compares must be in every result Tune gets (Tune's strict metric check)
+    required = (SCORE, stopping.metric) if stopping.enabled else (SCORE,)
+    summary = run_train_ray(job, callbacks=(_score_reports(job.train.steps, {"nfe": nfe}, required),))
     if summary.frechet_trained is None:
         raise JobError(f"trial {job.name} ended without a quality score; only grey-image datasets are scored during training")
     result = {
@@ -74,7 +78,11 @@ def training_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         "nfe": nfe,
         "train_seconds": summary.seconds,
         "step": summary.steps,
+        **checkpoint_scores.latest_score(job.run_dir),  # finished before run_train_ray returned
     }
+    missing = [key for key in required if key not in result]
+    if missing:
+        raise JobError(f"trial {job.name} ended without {missing}: no checkpoint of it was scored (evaluation.every={job.evaluation.every})")
     _report_final(job, config, result)
 
 
@@ -90,17 +98,19 @@ def sampling_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     _report_final(job, config, result)
 
 
-def _score_reports(last_step: int, constants: dict[str, float]):
+def _score_reports(last_step: int, constants: dict[str, float], required: tuple[str, ...]):
     """Train V2's TuneReportCallback forwards every worker report to the Tune trial. Tune wants
-    the searched metric in every result, so only the reports that carry the quick score go
-    through, with the trial's constant metrics added; the one at the last step is left out
-    because the trial's final result (on more samples) stands for that step."""
+    the searched metric (and ASHA's) in every result, so only the reports that carry them all
+    go through (the quick score; with early_stopping.metric checkpoint_score, also the latest
+    checkpoint score, from the first scored checkpoint on), with the trial's constant metrics
+    added; the one at the last step is left out because the trial's final result (on more
+    samples) stands for that step."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     class ScoreReports(TuneReportCallback):
         def after_report(self, run_context, metrics, checkpoint):
             first = metrics[0]
-            if SCORE not in first or first.get("step", 0) >= last_step:
+            if any(key not in first for key in required) or first.get("step", 0) >= last_step:
                 return
             super().after_report(run_context, [{**first, **constants}, *metrics[1:]], checkpoint)
 
