@@ -108,11 +108,11 @@ def scored_steps(run_dir: str) -> list[int]:
 def latest_score(run_dir: str) -> dict[str, float]:
     """What a training report carries: the newest checkpoint's score (its first setting's
     distance) and its step; empty before any."""
-    steps = scored_steps(run_dir)
-    if not steps:
-        return {}
-    scores = read_scores(run_dir, steps[-1])
-    return {"checkpoint_score": float(scores["results"][0]["distance"]), "checkpoint_score_step": int(steps[-1])}
+    for step in reversed(_steps(run_dir)):  # newest first: one or two reads per report, on S3 too
+        scores = read_scores(run_dir, step)
+        if scores is not None:
+            return {"checkpoint_score": float(scores["results"][0]["distance"]), "checkpoint_score_step": step}
+    return {}
 
 
 def scoring_job(config: JobConfig, step: int) -> JobConfig:
