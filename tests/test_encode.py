@@ -96,6 +96,7 @@ def read_shards(out: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return index[order], label[order], latent[order].reshape(len(index), 4, 8, 8)
 
 
+@pytest.mark.slow
 def test_encode_writes_the_vae_latents_in_shards_and_rewrites_only_a_lost_shard(vae_folder, ray_cluster, tmp_path):
     out = str(tmp_path / "latents")
     summary = run_encode(job(vae_folder, out, "encode.num_actors=2"))

@@ -345,6 +345,7 @@ def _mlflow_records_holding(text: str, tracking_uri: str) -> list[str]:
             if text in key or text in str(value)]
 
 
+@pytest.mark.slow
 def test_only_a_holder_of_the_token_can_use_the_cluster_and_no_job_writes_the_token_down(job_cluster, tmp_path):
     """Submitting machines as users set them up (README: RAY_AUTH_MODE=token and the head's token
     file) run a real training; a machine without the token or with another one is refused by the

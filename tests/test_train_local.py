@@ -174,7 +174,7 @@ def test_a_run_whose_checkpoints_are_all_torn_is_refused_with_each_one_named(tmp
     assert (root / "checkpoint_00000010/state.pt").read_bytes() == b"cut off"
 
 
-@pytest.mark.parametrize("signal_name", ["SIGTERM", pytest.param("SIGINT", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("signal_name", [pytest.param(name, marks=pytest.mark.slow) for name in ("SIGTERM", "SIGINT")])
 def test_a_signal_to_the_driver_writes_a_checkpoint_at_that_step_and_the_rerun_ends_as_if_uninterrupted(tmp_path, signal_name):
     import re
     import signal

@@ -119,11 +119,15 @@ def test_a_sampling_sweep_without_its_model_file_or_reference_exits_2_before_any
     assert not (tmp_path / "tune_digits_sampling" / "study.db").exists(), "no study, no cluster, no trial"
 
 
-def test_a_sweep_over_the_ema_length_of_a_run_without_snapshots_is_refused_before_any_trial(tmp_path):
-    with pytest.raises(ConfigError) as raised:
-        load_sweep(SIGMA_REL_SPEC, [f"output_dir={tmp_path}", f"job.output_dir={tmp_path}"])
-    assert f"'{tmp_path}/digits_posthoc/ema_snapshots' holds no EMA snapshots" in str(raised.value)
-    assert "train.posthoc_ema_sigma_rels: [0.05, 0.1]" in str(raised.value)
+def test_a_sweep_over_the_ema_length_of_a_run_without_snapshots_exits_2_before_any_trial(tmp_path, capsys):
+    from orchestrator.cli import main
+
+    code = main(["tune", str(SIGMA_REL_SPEC), f"output_dir={tmp_path}", f"job.output_dir={tmp_path}"])
+    error = capsys.readouterr().err
+    assert code == 2, error
+    assert f"'{tmp_path}/digits_posthoc/ema_snapshots' holds no EMA snapshots" in error
+    assert "train.posthoc_ema_sigma_rels: [0.05, 0.1]" in error
+    assert not (tmp_path / "tune_digits_sigma_rel" / "study.db").exists(), "no study, no cluster, no trial"
 
 
 def _model_file(sweep) -> str:
@@ -362,6 +366,7 @@ def test_a_sampling_sweep_writes_table_plot_best_job_and_nested_mlflow_runs(samp
     assert parent.data.metrics["best_frechet_distance"] == summary.best["values"]["frechet_distance"]
 
 
+@pytest.mark.slow
 def test_a_sampling_sweep_over_the_ema_length_scores_each_trial_s_reconstruction(ray_cluster, trained_model, tmp_path):
     """posthoc_ema.sigma_rel as one more sampling key: each trial's evaluate rebuilds that EMA
     from the run's snapshots (the `ema` verb's weights, exactly) and scores it; the best job

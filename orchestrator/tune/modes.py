@@ -216,8 +216,19 @@ class SamplingSweep(SweepMode):
             "posthoc_ema.run_dir": job.posthoc_ema.run_dir or model_file.rsplit("/", 1)[0],
         }
 
-    def sweep_problems(self, sweep: Sweep) -> list[str]:
-        return source_problems(sweep.base_job) if POSTHOC_KEY in sweep.config.space else []
+    def check_inputs(self, sweep: Sweep) -> None:
+        # the trials rebuild their EMA length from the trained run's snapshots: one list of every problem
+        missing = source_problems(sweep.base_job) if POSTHOC_KEY in sweep.config.space else []
+        try:
+            super().check_inputs(sweep)
+        except ConfigError as error:
+            if not missing:
+                raise
+            raise ConfigError("\n  ".join([str(error), *missing]), [*error.problems, *missing]) from None
+        if missing:
+            raise ConfigError(
+                f"sweep {sweep.config.name!r} searches {POSTHOC_KEY}, which its base job's run cannot give:\n  " + "\n  ".join(missing), missing
+            )
 
     def worker_cpus(self, job: JobConfig) -> float:
         return job.evaluation.num_actors * job.evaluation.cpus_per_actor
