@@ -198,6 +198,7 @@ def _peak_rss(tmp: Path, spec: str, *overrides: str) -> int:
     return result["peak"] - result["before"]
 
 
+@pytest.mark.slow
 def test_streaming_a_dataset_many_windows_large_keeps_the_peak_rss_of_a_worker_bounded(tmp_path):
     """64 shards of 8 MiB latents (512 MiB), one shard a window. The bound stated: the peak RSS of
     a streaming worker stays below that of the same job holding one shard in memory plus a

@@ -170,6 +170,7 @@ def test_flow_matching_collapses_to_the_mean_in_one_step_but_not_in_many(flow_ma
     assert_covers_all_modes(sampled_modes(flow_matching, "linear", uniform_grid(32), "flow matching"), 0.1)
 
 
+@pytest.mark.slow
 def test_shortcut_model_covers_all_modes_in_one_and_two_steps(flow_matching):
     """Shortcut models from scratch; 128 finest steps scaled to 32, EMA decay 0.99 for 2k steps,
     a quarter of the rows self-consistent (the paper: an eighth) to propagate faster."""
