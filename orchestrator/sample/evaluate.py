@@ -244,6 +244,7 @@ class ScoredModel:
     summary: EvaluateSummary
     extractor: ExtractorSpec
     grids: list[list[bytes]]  # per setting, the actors' encoded grid samples (_grid_images)
+    model_metadata: dict[str, Any]  # the model file's metadata (a training's MLflow run id, its step)
 
 
 def score_model_file(config: JobConfig) -> ScoredModel:
@@ -271,7 +272,7 @@ def score_model_file(config: JobConfig) -> ScoredModel:
     reference_subset = load_reference_subset(reference_path(config)) if evaluation.precision_recall_samples else None
     metric = "fid" if is_fid_extractor(spec.name) else "frechet_distance"
     model_file = model_file_path(config)
-    num_classes = contents.num_classes
+    num_classes, model_metadata = contents.num_classes, dict(contents.metadata)
     del contents
     fingerprint = evaluation_fingerprint(
         identifier=identifier, reference_path=reference_path(config), reference_count=getattr(reference, "count", None),
@@ -371,7 +372,7 @@ def score_model_file(config: JobConfig) -> ScoredModel:
     for result in results:
         label = "FID" if metric == "fid" else f"Frechet distance in {spec.name} feature space (not FID)"
         logger.info("%s  NFE %d  %s %.4f", result.setting, result.nfe, label, result.distance)
-    return ScoredModel(summary, spec, grids)
+    return ScoredModel(summary, spec, grids, model_metadata)
 
 
 def _sample_subset(parts: list[tuple[np.ndarray, np.ndarray]], dim: int, count: int) -> np.ndarray:

@@ -39,7 +39,6 @@ import json
 import logging
 import os
 import re
-import signal
 import threading
 import time
 from typing import Any, Callable
@@ -76,8 +75,12 @@ def write_model_file(run_dir: str, step: int, data: bytes) -> None:
 
 def write_model_file_once(run_dir: str, step: int, data: Callable[[], bytes]) -> None:
     """Rank 0 on resume at a scored step: the model file, unless the run before wrote it."""
-    if not storage.exists(storage.join(step_folder(run_dir, step), MODEL_FILE)):
+    if not _holds(run_dir, step, MODEL_FILE):
         write_model_file(run_dir, step, data())
+
+
+def _holds(run_dir: str, step: int, name: str) -> bool:
+    return storage.exists(storage.join(step_folder(run_dir, step), name))
 
 
 def _steps(run_dir: str) -> list[int]:
@@ -89,11 +92,7 @@ def _steps(run_dir: str) -> list[int]:
 
 def pending_steps(run_dir: str) -> list[int]:
     """Steps with a model file and no scores, oldest first."""
-    return [
-        step for step in _steps(run_dir)
-        if storage.exists(storage.join(step_folder(run_dir, step), MODEL_FILE))
-        and not storage.exists(storage.join(step_folder(run_dir, step), SCORES))
-    ]
+    return [step for step in _steps(run_dir) if _holds(run_dir, step, MODEL_FILE) and not _holds(run_dir, step, SCORES)]
 
 
 def read_scores(run_dir: str, step: int) -> dict[str, Any] | None:
@@ -102,7 +101,7 @@ def read_scores(run_dir: str, step: int) -> dict[str, Any] | None:
 
 
 def scored_steps(run_dir: str) -> list[int]:
-    return [step for step in _steps(run_dir) if storage.exists(storage.join(step_folder(run_dir, step), SCORES))]
+    return [step for step in _steps(run_dir) if _holds(run_dir, step, SCORES)]
 
 
 def latest_score(run_dir: str) -> dict[str, float]:
@@ -131,12 +130,12 @@ def scoring_job(config: JobConfig, step: int) -> JobConfig:
 def score_step(config: JobConfig, step: int) -> dict[str, Any]:
     """Score step `step`'s model file, log the scores to its MLflow run and write scores.json."""
     from orchestrator.sample.evaluate import score_model_file
-    from orchestrator.sample.model_files import read_model_file
     from orchestrator.tracking import log_metrics_once
 
     job = scoring_job(config, step)
     _inject_fault_for_tests(config.run_dir, step)
-    summary = score_model_file(job).summary
+    scored = score_model_file(job)
+    summary = scored.summary
     metrics: dict[str, float] = {}
     for result in summary.results:
         metrics[f"checkpoint/{summary.metric}/{result.setting}"] = result.distance
@@ -145,7 +144,7 @@ def score_step(config: JobConfig, step: int) -> dict[str, Any]:
             metrics[f"checkpoint/recall/{result.setting}"] = result.recall
         if result.inception_score is not None:
             metrics[f"checkpoint/inception_score/{result.setting}"] = result.inception_score[0]
-    run_id = read_model_file(job)[1].metadata.get("mlflow_run_id")
+    run_id = scored.model_metadata.get("mlflow_run_id")
     if config.tracking.enabled and run_id:
         log_metrics_once(config.tracking.tracking_uri, run_id, metrics, step)
     record = {
@@ -234,7 +233,7 @@ def _inject_fault_for_tests(run_dir: str, step: int) -> None:
     """Test hook: UCGM_SCORE_FAULT=<step>:<action> with UCGM_SCORE_FAULT_MARKER=<file> makes the
     evaluation of that step, once, `raise` an error or `hang` (for a test that kills the driver
     mid-evaluation); the marker file records that it did. The actor-kill fault lives in
-    SampleStatistics (UCGM_ACTOR_FAULT_MARKER)."""
+    SampleStatistics (UCGM_ACTOR_FAULT_ARM)."""
     fault, marker = os.environ.get("UCGM_SCORE_FAULT"), os.environ.get("UCGM_SCORE_FAULT_MARKER")
     if not fault or not marker:
         return
@@ -245,6 +244,4 @@ def _inject_fault_for_tests(run_dir: str, step: int) -> None:
         handle.write(f"{step} {action}\n")
     if action == "hang":
         time.sleep(3600)
-    elif action == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
     raise RuntimeError(f"injected evaluation fault at step {step} (UCGM_SCORE_FAULT)")

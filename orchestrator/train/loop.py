@@ -339,6 +339,10 @@ def train_loop(
 
     tracker: Tracker = NullTracker()
     scorer = frechet_untrained = None
+
+    def scored_model_file(step: int) -> bytes:  # what the scoring thread scores, and logs to this MLflow run
+        return run.model_file({"step": step, "job": config.name, "mlflow_run_id": tracker.run_id})
+
     if is_main:
         tracker = open_tracker((restored or {}).get("mlflow_run_id"))
         tracker.log_params(config.to_flat_dict())
@@ -347,9 +351,7 @@ def train_loop(
         tracker.set_tags({"run_dir": config.run_dir, "model_parameters": str(sum(p.numel() for p in run.ema.module.parameters()))})
         if resumed_from and checkpoint_scores.is_scored_step(config, resumed_from):
             # a crash between the checkpoint's commit and its model file: write it now, so it is scored
-            checkpoint_scores.write_model_file_once(
-                config.run_dir, resumed_from, lambda: run.model_file({"step": resumed_from, "job": config.name, "mlflow_run_id": tracker.run_id})
-            )
+            checkpoint_scores.write_model_file_once(config.run_dir, resumed_from, lambda: scored_model_file(resumed_from))
         scorer = QualityScorer(run) if run.image_shape[0] == 1 else None
         if scorer is None:
             logger.warning("no feature extractor for %d-channel images yet; skipping the quality score", run.image_shape[0])
@@ -397,8 +399,7 @@ def train_loop(
                 tracker.log_metrics({"checkpoint_seconds": saved_in}, step=run.step)
                 if is_main and checkpoint_scores.is_scored_step(config, run.step):
                     # after the save: a step whose checkpoint was not committed is trained, and written, again
-                    metadata = {"step": run.step, "job": config.name, "mlflow_run_id": tracker.run_id}
-                    checkpoint_scores.write_model_file(config.run_dir, run.step, run.model_file(metadata))
+                    checkpoint_scores.write_model_file(config.run_dir, run.step, scored_model_file(run.step))
             elif metrics is not None:
                 checkpointer.report(metrics)
             if stopping:
