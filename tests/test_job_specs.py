@@ -59,3 +59,22 @@ def test_the_few_step_recipe_starts_from_the_multi_step_run():
     assert (few.model, few.data, few.transport) == (multi.model, multi.data, multi.transport)
     encode = load_job(ROOT / "jobs/imagenet256_encode.yaml")
     assert multi.data.path == encode.encode.out and multi.encode.vae == encode.encode.vae
+
+
+RECIPE_SWEEPS = sorted((ROOT / "jobs" / "sweeps").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("sweep", RECIPE_SWEEPS, ids=lambda spec: spec.stem)
+def test_each_recipe_sweep_searches_a_systems_spec_that_names_it(sweep):
+    """jobs/sweeps/ holds the sweeps that found the jobs/systems/ recipes: each one's base job is
+    a recipe, the recipe's comments name the sweep (so a reader can rerun the search), and a
+    training sweep keeps the benchmark's budget (800 steps at batch 128) that its results are for."""
+    from orchestrator.tune.spec import load_sweep
+
+    raw = yaml.safe_load(sweep.read_text())
+    recipe = (sweep.parent / raw["job"]).resolve()
+    assert recipe.parent == ROOT / "jobs" / "systems", f"{sweep.name}: job {raw['job']!r} is not a jobs/systems/ recipe"
+    assert f"jobs/sweeps/{sweep.name}" in recipe.read_text(), f"{recipe.name} does not name the sweep jobs/sweeps/{sweep.name}"
+    if raw.get("mode", "train") == "train":
+        job = load_sweep(sweep).base_job
+        assert (job.train.steps, job.train.batch_size) == (800, 128), f"{sweep.name} left the benchmark's budget"
