@@ -74,7 +74,7 @@ class System:
 
 SYSTEMS = (
     System("UCGM-T multi-step (lambda 0)", "digits_ucgm_multi_step", multi_step=True),
-    System("UCGM-T few-step (lambda 1, from multi-step)", "digits_ucgm_few_step", ("digits_ucgm_multi_step",)),
+    System("UCGM-T few-step (lambda 0.95, from multi-step)", "digits_ucgm_few_step", ("digits_ucgm_multi_step",)),
     System("TrigFlow multi-step (sCT, sCD start)", "digits_trigflow_teacher", multi_step=True),
     System("sCT (from the TrigFlow model)", "digits_sct", ("digits_trigflow_teacher",)),
     System("sCD", "digits_scd", ("digits_trigflow_teacher",)),
