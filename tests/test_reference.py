@@ -159,8 +159,12 @@ def test_reference_on_one_or_two_actors_gives_the_statistics_of_one_process(tmp_
     for summary in summaries:
         statistics = load_reference(summary.path, summary.extractor)
         assert summary.count == statistics.count == LIMIT
-        assert _relative(statistics.mean(), direct.mean()) < 1e-9
-        assert _relative(statistics.covariance(), direct.covariance()) < 1e-9
+        # the actors compute the float32 features in blocks of BLOCK images on one thread, this
+        # process all at once on its own threads: the CNN's kernels may add in another order
+        # (1.4e-8 seen on one machine), so this compares to float32 precision; the sums themselves
+        # are compared exactly below, where both runs take the same blocks on the same threads
+        assert _relative(statistics.mean(), direct.mean()) < 1e-6
+        assert _relative(statistics.covariance(), direct.covariance()) < 1e-6
     one, two = (load_reference(s.path, s.extractor) for s in summaries)
     assert _relative(one.mean(), two.mean()) < 1e-9 and _relative(one.covariance(), two.covariance()) < 1e-9
 
