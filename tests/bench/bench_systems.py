@@ -42,10 +42,10 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from orchestrator.config import load_job  # noqa: E402
+from orchestrator.sample.extractors import extractor_spec  # noqa: E402
 from orchestrator.verbs import run_job  # noqa: E402
 from ucgm_core.datasets import load_dataset  # noqa: E402
 from ucgm_core.evaluation import dataset_statistics, sample_statistics  # noqa: E402
-from ucgm_core.features import DigitClassifierFeatures  # noqa: E402
 from ucgm_core.fid import frechet_distance_from_statistics  # noqa: E402
 from ucgm_core.model_file import load_model_file  # noqa: E402
 from ucgm_core.sampler import SamplerSettings, count_network_evaluations  # noqa: E402
@@ -207,9 +207,11 @@ def main() -> None:
 
     results_path = args.out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"training": {}, "rows": []}
-    # the framing the train verb's own score uses: 8x8 digits boxed like MNIST, 28x28 images as they are
-    extractor = DigitClassifierFeatures(framing="mnist_box" if args.dataset == "digits" else "stretch", device=args.device)
-    reference = dataset_statistics(load_dataset(args.dataset).images.to(args.device), extractor)
+    # the extractor (and its framing) evaluate would build for these images
+    images = load_dataset(args.dataset).images.to(args.device)
+    job = load_job(ROOT / "jobs/systems" / f"{SYSTEMS[0].job}.yaml", DATASETS[args.dataset])
+    extractor = extractor_spec(job, tuple(images.shape[1:])).build(args.device)
+    reference = dataset_statistics(images, extractor)
     results["setup"] = {
         "dataset": args.dataset,
         "steps": args.steps,
